@@ -1,0 +1,144 @@
+//! imq data path: TC programs that send selected packets into imq (ifb) devices.
+//!
+//! Ingress: a TCX ingress program looks up the rule set of the interface and, on the
+//! first match, `bpf_redirect`s the packet into the rule's imq device. After the imq
+//! device's qdisc, ifb re-injects it with `netif_receive_skb` on the original device,
+//! and `skb_skip_tc_classify` keeps the TC ingress hook from running on it again, so a
+//! packet is queued at most once (ifb_ri_tasklet, __netif_receive_skb_core).
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    bindings::{BPF_F_NO_PREALLOC, TC_ACT_UNSPEC},
+    helpers::generated::{bpf_check_mtu, bpf_redirect},
+    macros::{classifier, map},
+    maps::{Array, HashMap, PerCpuArray},
+    programs::TcContext,
+};
+use imq_common::{
+    Counters, DIRECTION_INGRESS, Device, HookKey, MAX_DEVICES, MAX_HOOKS, MAX_RULE_IDS,
+    MAX_RULES_PER_HOOK, RuleSet,
+};
+
+/// Rule sets by hook. Not preallocated: an update then links a fresh element and frees
+/// the old one only after an RCU grace period, so a program still reading the old set
+/// never sees it rewritten under it (htab_map_update_elem).
+#[map(name = "imq_rules")]
+static RULES: HashMap<HookKey, RuleSet> = HashMap::with_max_entries(MAX_HOOKS, BPF_F_NO_PREALLOC);
+
+/// imq device number -> ifindex.
+#[map(name = "imq_devices")]
+static DEVICES: Array<Device> = Array::with_max_entries(MAX_DEVICES, 0);
+
+/// Per-rule packets and bytes sent to the imq device, per CPU.
+#[map(name = "imq_counters")]
+static COUNTERS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(MAX_RULE_IDS, 0);
+
+/// TCX verdict "not mine": the next TCX program, then classic tc filters, still run.
+const TCX_NEXT: i32 = TC_ACT_UNSPEC;
+
+const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const IPV4_MIN_HLEN: usize = 20;
+const IPV6_HLEN: usize = 40;
+
+#[classifier]
+pub fn imq_ingress(ctx: TcContext) -> i32 {
+    match select(&ctx, DIRECTION_INGRESS) {
+        // SAFETY: plain helper call; the verdict it returns (TC_ACT_REDIRECT, or
+        // TC_ACT_SHOT for bad flags, which we never pass) is handed to the kernel.
+        Some(ifindex) => unsafe { bpf_redirect(ifindex, 0) as i32 },
+        None => TCX_NEXT,
+    }
+}
+
+/// The ifindex of the imq device the packet is selected for, if any.
+///
+/// Every "no" is deliberate and leaves the packet untouched: not IPv4/IPv6, a header
+/// too short to be a real packet, no rules on this hook, no rule matching, or a target
+/// device that does not exist (pass unshaped rather than drop, as IMQ did).
+#[inline(always)]
+fn select(ctx: &TcContext, direction: u32) -> Option<u32> {
+    if !is_ip(ctx) {
+        return None;
+    }
+    // SAFETY: ctx.skb.skb is the context pointer the kernel gave this program.
+    let (ifindex, mark) = unsafe { ((*ctx.skb.skb).ifindex, (*ctx.skb.skb).mark) };
+    let key = HookKey { ifindex, direction };
+    // SAFETY: the value is only read, and an update replaces the element instead of
+    // writing into it (see RULES).
+    let set = unsafe { RULES.get(&key) }?;
+    let len = set.len as usize;
+    for i in 0..MAX_RULES_PER_HOOK {
+        if i >= len {
+            break;
+        }
+        let rule = &set.rules[i];
+        if mark & rule.mark_mask != rule.mark_value {
+            continue;
+        }
+        let dev_ifindex = DEVICES.get(rule.dev).map_or(0, |d: &Device| d.ifindex);
+        if dev_ifindex == 0 || !device_exists(ctx, dev_ifindex) {
+            return None;
+        }
+        count(rule.id, ctx.len());
+        return Some(dev_ifindex);
+    }
+    None
+}
+
+/// Only real IPv4/IPv6 packets are candidates: the Ethernet type says so and the
+/// fixed header is present with the right version. ARP, in-band VLAN tags and other
+/// frames are never queued. `load` copies through bpf_skb_load_bytes, so a header in
+/// a non-linear part is read correctly, and a short packet fails the load.
+#[inline(always)]
+fn is_ip(ctx: &TcContext) -> bool {
+    let Ok(proto) = ctx.load::<u16>(12) else {
+        return false;
+    };
+    let Ok(first) = ctx.load::<u8>(ETH_HLEN) else {
+        return false;
+    };
+    match u16::from_be(proto) {
+        ETH_P_IP => {
+            first >> 4 == 4
+                && usize::from(first & 0xf) * 4 >= IPV4_MIN_HLEN
+                && ctx.load::<u8>(ETH_HLEN + IPV4_MIN_HLEN - 1).is_ok()
+        }
+        ETH_P_IPV6 => first >> 4 == 6 && ctx.load::<u8>(ETH_HLEN + IPV6_HLEN - 1).is_ok(),
+        _ => false,
+    }
+}
+
+/// A deleted imq device must not blackhole traffic: bpf_redirect to a missing ifindex
+/// would drop the packet in skb_do_redirect. bpf_check_mtu looks the device up in the
+/// packet's namespace and fails with -EINVAL when there is none.
+#[inline(always)]
+fn device_exists(ctx: &TcContext, ifindex: u32) -> bool {
+    let mut mtu_len: u32 = 0;
+    // SAFETY: the context pointer and a valid stack slot for mtu_len.
+    let ret = unsafe { bpf_check_mtu(ctx.skb.skb.cast(), ifindex, &mut mtu_len, 0, 0) };
+    ret >= 0
+}
+
+#[inline(always)]
+fn count(id: u32, len: u32) {
+    if let Some(c) = COUNTERS.get_ptr_mut(id) {
+        // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
+        unsafe {
+            (*c).packets += 1;
+            (*c).bytes += u64::from(len);
+        }
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

@@ -1,0 +1,48 @@
+//! Human output of `imqctl show`, terse like iproute2:
+//!
+//! ```text
+//! dev imq0 ifindex 7 up txqueuelen 1000
+//! ingress eth0 prio 10 mark 0x10/0xff dev imq0 packets 1432 bytes 2071228
+//! ```
+
+use std::fmt::Write as _;
+
+use imq::Status;
+
+pub fn render(status: &Status) -> String {
+    let mut out = String::new();
+    if status.devices.is_empty() && status.rules.is_empty() {
+        out.push_str("no imq devices or rules in this network namespace\n");
+        return out;
+    }
+    for d in &status.devices {
+        if d.state == "missing" {
+            let _ = writeln!(out, "dev {} missing (its traffic passes unshaped)", d.name);
+        } else {
+            let _ = writeln!(
+                out,
+                "dev {} ifindex {} {} txqueuelen {}",
+                d.name, d.ifindex, d.state, d.txqueuelen
+            );
+        }
+    }
+    for r in &status.rules {
+        let _ = write!(out, "{} {} prio {}", r.direction, r.interface, r.prio);
+        match r.mark {
+            Some(m) => {
+                let _ = write!(out, " mark {m}");
+            }
+            None => out.push_str(" all"),
+        }
+        let _ = write!(
+            out,
+            " dev {} packets {} bytes {}",
+            r.dev, r.packets, r.bytes
+        );
+        if !r.attached {
+            out.push_str(" (not attached)");
+        }
+        out.push('\n');
+    }
+    out
+}

@@ -1,0 +1,97 @@
+use std::{io, path::PathBuf};
+
+use crate::rule::{Direction, Mark};
+
+/// Everything imq can refuse or fail at. Each message is one line a network admin can
+/// act on; `imqctl` prints it as is.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("invalid mark '{input}': {reason}")]
+    InvalidMark { input: String, reason: &'static str },
+    #[error("invalid imq device name '{0}': imq devices are named imq0 .. imq255")]
+    InvalidDevName(String),
+    #[error("invalid direction '{0}': expected ingress, egress or both")]
+    InvalidDirection(String),
+    #[error("invalid txqueuelen {0}: use 1000 or more, ifb's default of 32 drops bursts")]
+    InvalidTxQueueLen(u32),
+    #[error("--direction {0} is not supported yet: imq queues ingress traffic only")]
+    UnsupportedDirection(&'static str),
+    #[error("no interface '{0}' in this network namespace")]
+    NoSuchInterface(String),
+    #[error("{0} is an imq device: attach the interfaces whose traffic it should shape")]
+    ImqAsInterface(String),
+    #[error("{0} is an ifb device: its packets are already redirected ones, imq cannot queue them")]
+    IfbAsInterface(String),
+    #[error(
+        "{name} is not an Ethernet interface (link type {link_type}): imq can only queue frames with an Ethernet header"
+    )]
+    NotEthernet { name: String, link_type: String },
+    #[error("imqctl needs root (CAP_NET_ADMIN and CAP_BPF or CAP_SYS_ADMIN): run it with sudo")]
+    NotPrivileged,
+    #[error("this kernel ({0}) has no TCX: imq needs Linux 6.6 or later")]
+    NoTcx(String),
+    #[error(
+        "conflicts with the rule at prio {prio} on {iface} {direction}, which sends the same match to {dev}: detach it first"
+    )]
+    Conflict {
+        iface: String,
+        direction: Direction,
+        prio: u32,
+        dev: String,
+    },
+    #[error("prio {prio} is already taken on {iface} {direction}")]
+    DuplicatePrio {
+        iface: String,
+        direction: Direction,
+        prio: u32,
+    },
+    #[error(
+        "{iface} {direction} already has {max} rules, the most one interface and direction can hold"
+    )]
+    TooManyRules {
+        iface: String,
+        direction: Direction,
+        max: usize,
+    },
+    #[error("all {0} rule counters are in use: detach rules first")]
+    NoFreeRuleId(u32),
+    #[error("no imq rule on {iface} {direction}{}", mark.map(|m| format!(" with mark {m}")).unwrap_or_default())]
+    NoSuchRule {
+        iface: String,
+        direction: String,
+        mark: Option<Mark>,
+    },
+    #[error("no imq device {0} in this network namespace")]
+    NoSuchDevice(String),
+    #[error("{dev} still receives traffic from {rules} rule(s): detach them first")]
+    DeviceInUse { dev: String, rules: usize },
+    #[error("{name} exists and is not an ifb device (kind {kind}): pick another imq device")]
+    NotIfb { name: String, kind: String },
+    #[error("{0} is not on a bpffs and none can be mounted there")]
+    NotBpffs(PathBuf),
+    #[error("netlink: {0}")]
+    Netlink(String),
+    #[error("bpf: {0}")]
+    Bpf(String),
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: io::Error,
+    },
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub(crate) fn io(context: impl Into<String>, source: io::Error) -> Self {
+        Self::Io {
+            context: context.into(),
+            source,
+        }
+    }
+
+    pub(crate) fn bpf(context: &str, err: impl std::fmt::Display) -> Self {
+        Self::Bpf(format!("{context}: {err}"))
+    }
+}

@@ -1,0 +1,356 @@
+//! imq control plane: attach, detach and inspect the TC programs that queue selected
+//! packets in imq (ifb) devices.
+//!
+//! Every operation validates all of its input and plans its whole change before it
+//! touches the kernel; a refused operation changes nothing.
+
+pub mod error;
+pub mod netlink;
+pub mod rule;
+mod state;
+mod sys;
+
+use std::path::PathBuf;
+
+use serde::Serialize;
+
+pub use crate::error::{Error, Result};
+use crate::{
+    netlink::{Link, Netlink},
+    rule::{DevName, Direction, Directions, Insert, Mark},
+    state::State,
+};
+
+/// The eBPF object built from imq-ebpf, embedded at build time.
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/imq"));
+
+/// txqueuelen of the imq devices imq creates: ifb's default of 32 is the limit of
+/// HTB's direct queue and default leaf pfifo, which then drop any burst.
+pub const DEFAULT_TXQUEUELEN: u32 = 1000;
+
+/// Where and how imq keeps its state.
+#[derive(Clone, Debug, Default)]
+pub struct Options {
+    /// A bpffs directory to use instead of /sys/fs/bpf (found or mounted).
+    pub bpffs: Option<PathBuf>,
+}
+
+/// `imqctl attach`.
+#[derive(Clone, Debug)]
+pub struct AttachRequest {
+    pub interface: String,
+    pub directions: Directions,
+    pub dev: DevName,
+    pub mark: Option<Mark>,
+    pub prio: Option<u32>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Attached {
+    /// The rule was added; `created_dev` if the imq device was created for it.
+    Added { created_dev: bool },
+    /// The same rule was already there.
+    Unchanged,
+}
+
+/// One imq device, as `show` reports it.
+#[derive(Clone, Debug, Serialize)]
+pub struct DeviceStatus {
+    pub name: String,
+    /// 0 when missing.
+    pub ifindex: u32,
+    /// `up`, `down`, or `missing` (rules point at it but the device is gone: their
+    /// traffic passes unshaped).
+    pub state: &'static str,
+    pub txqueuelen: u32,
+}
+
+/// One rule, as `show` reports it.
+#[derive(Clone, Debug, Serialize)]
+pub struct RuleStatus {
+    pub interface: String,
+    pub ifindex: u32,
+    pub direction: Direction,
+    pub prio: u32,
+    pub dev: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mark: Option<Mark>,
+    /// Whether the program is attached to the interface (false if it has gone).
+    pub attached: bool,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Status {
+    pub devices: Vec<DeviceStatus>,
+    pub rules: Vec<RuleStatus>,
+}
+
+/// The control plane of one network namespace: the one imqctl runs in.
+pub struct Imq {
+    opts: Options,
+    nl: Netlink,
+}
+
+impl Imq {
+    /// Checks privileges and kernel support; changes nothing.
+    pub fn new(opts: Options) -> Result<Self> {
+        sys::check_privileges()?;
+        sys::check_tcx()?;
+        Ok(Self {
+            opts,
+            nl: Netlink::new()?,
+        })
+    }
+
+    fn bpffs(&self) -> Option<&std::path::Path> {
+        self.opts.bpffs.as_deref()
+    }
+
+    /// The interface a rule may sit on: Ethernet, and not an imq or other ifb device.
+    fn source_interface(&self, name: &str) -> Result<Link> {
+        let link = self
+            .nl
+            .link_by_name(name)?
+            .ok_or_else(|| Error::NoSuchInterface(name.to_owned()))?;
+        if link.is_ifb() {
+            return Err(if name.parse::<DevName>().is_ok() {
+                Error::ImqAsInterface(name.to_owned())
+            } else {
+                Error::IfbAsInterface(name.to_owned())
+            });
+        }
+        if name.parse::<DevName>().is_ok() {
+            return Err(Error::ImqAsInterface(name.to_owned()));
+        }
+        if !link.is_ether {
+            return Err(Error::NotEthernet {
+                name: name.to_owned(),
+                link_type: link.link_type,
+            });
+        }
+        Ok(link)
+    }
+
+    /// An existing imq device must be an ifb; `None` if there is none yet.
+    fn existing_dev(&self, dev: DevName) -> Result<Option<Link>> {
+        let name = dev.to_string();
+        match self.nl.link_by_name(&name)? {
+            Some(l) if !l.is_ifb() => Err(Error::NotIfb {
+                name,
+                kind: l.kind.unwrap_or_else(|| l.link_type.clone()),
+            }),
+            other => Ok(other),
+        }
+    }
+
+    pub fn attach(&mut self, req: &AttachRequest) -> Result<Attached> {
+        if req.directions != Directions::Ingress {
+            return Err(Error::UnsupportedDirection(req.directions.as_str()));
+        }
+        let direction = Direction::Ingress;
+        let link = self.source_interface(&req.interface)?;
+        let dev_link = self.existing_dev(req.dev)?;
+
+        let mut state = State::open_or_create(self.bpffs())?;
+        let old = state.rule_set(link.index, direction)?;
+        let id = state.free_rule_id()?;
+        let new = match rule::insert(&old, &link.name, direction, req.mark, req.dev, req.prio, id)?
+        {
+            Insert::Unchanged => {
+                // Repairs a hook whose program was detached behind our back.
+                state.attach(direction, &link.name, link.index)?;
+                return Ok(Attached::Unchanged);
+            }
+            Insert::Changed(new) => new,
+        };
+
+        // Everything is decided; from here on, undo what was done if a step fails.
+        let created_dev = dev_link.is_none();
+        let dev_link = match dev_link {
+            Some(l) => {
+                if !l.up {
+                    self.nl.set_up(l.index)?;
+                }
+                l
+            }
+            None => self.nl.add_ifb(&req.dev.to_string(), DEFAULT_TXQUEUELEN)?,
+        };
+        let result = (|| {
+            state.set_device(req.dev.0, dev_link.index)?;
+            state.reset_counters(id)?;
+            state.set_rule_set(link.index, direction, &new)?;
+            state.attach(direction, &link.name, link.index)
+        })();
+        if let Err(e) = result {
+            let _ = state.set_rule_set(link.index, direction, &old);
+            if created_dev {
+                let _ = self.nl.del_link(dev_link.index);
+            }
+            return Err(e);
+        }
+        Ok(Attached::Added { created_dev })
+    }
+
+    /// Removes the rules of `interface` in `directions` (only those with `mark` if
+    /// given); an interface left without rules in a direction is detached there.
+    /// Returns how many rules were removed.
+    pub fn detach(
+        &mut self,
+        interface: &str,
+        directions: Directions,
+        mark: Option<Mark>,
+    ) -> Result<usize> {
+        let link = self
+            .nl
+            .link_by_name(interface)?
+            .ok_or_else(|| Error::NoSuchInterface(interface.to_owned()))?;
+        let none = || Error::NoSuchRule {
+            iface: interface.to_owned(),
+            direction: directions.as_str().to_owned(),
+            mark,
+        };
+        let mut state = State::open(self.bpffs())?.ok_or_else(none)?;
+        let mut plan = Vec::new();
+        for direction in directions.iter() {
+            let (new, removed) = rule::remove(&state.rule_set(link.index, direction)?, mark);
+            if !removed.is_empty() {
+                plan.push((direction, new, removed.len()));
+            }
+        }
+        if plan.is_empty() {
+            return Err(none());
+        }
+        let mut count = 0;
+        for (direction, new, removed) in plan {
+            if new.len == 0 {
+                state.detach(direction, link.index)?;
+            }
+            state.set_rule_set(link.index, direction, &new)?;
+            count += removed;
+        }
+        Ok(count)
+    }
+
+    pub fn show(&mut self) -> Result<Status> {
+        let links = self.nl.links()?;
+        let by_index = |i: u32| links.iter().find(|l| l.index == i);
+        let mut status = Status::default();
+        for l in links
+            .iter()
+            .filter(|l| l.is_ifb() && l.name.parse::<DevName>().is_ok())
+        {
+            status.devices.push(DeviceStatus {
+                name: l.name.clone(),
+                ifindex: l.index,
+                state: if l.up { "up" } else { "down" },
+                txqueuelen: l.txqueuelen,
+            });
+        }
+        let Some(mut state) = State::open(self.bpffs())? else {
+            return Ok(status);
+        };
+        let mut targeted = Vec::new();
+        for (key, set) in state.all_rule_sets()? {
+            let Some(direction) = Direction::from_raw(key.direction) else {
+                continue;
+            };
+            for r in set.as_slice() {
+                let c = state.counters(r.id)?;
+                targeted.push(r.dev);
+                status.rules.push(RuleStatus {
+                    interface: by_index(key.ifindex).map_or_else(
+                        || format!("(gone, ifindex {})", key.ifindex),
+                        |l| l.name.clone(),
+                    ),
+                    ifindex: key.ifindex,
+                    direction,
+                    prio: r.prio,
+                    dev: DevName(r.dev).to_string(),
+                    mark: rule::mark_of(r),
+                    attached: by_index(key.ifindex).is_some()
+                        && state.is_attached(direction, key.ifindex),
+                    packets: c.packets,
+                    bytes: c.bytes,
+                });
+            }
+        }
+        for dev in targeted {
+            let name = DevName(dev).to_string();
+            if !status.devices.iter().any(|d| d.name == name) {
+                status.devices.push(DeviceStatus {
+                    name,
+                    ifindex: 0,
+                    state: "missing",
+                    txqueuelen: 0,
+                });
+            }
+        }
+        status
+            .devices
+            .sort_by_key(|d| d.name.parse::<DevName>().ok());
+        status.rules.sort_by(|a, b| {
+            (&a.interface, a.direction, a.prio).cmp(&(&b.interface, b.direction, b.prio))
+        });
+        Ok(status)
+    }
+
+    /// Creates an imq device (or adopts an existing ifb of that name). Returns whether
+    /// it was created.
+    pub fn dev_add(&mut self, dev: DevName, txqueuelen: u32) -> Result<bool> {
+        if txqueuelen == 0 {
+            return Err(Error::InvalidTxQueueLen(txqueuelen));
+        }
+        let (link, created) = match self.existing_dev(dev)? {
+            Some(l) => (l, false),
+            None => (self.nl.add_ifb(&dev.to_string(), txqueuelen)?, true),
+        };
+        // Rules that already name this device start using it now.
+        if let Some(mut state) = State::open(self.bpffs())? {
+            state.set_device(dev.0, link.index)?;
+        }
+        Ok(created)
+    }
+
+    pub fn dev_del(&mut self, dev: DevName) -> Result<()> {
+        let name = dev.to_string();
+        let link = self
+            .existing_dev(dev)?
+            .ok_or_else(|| Error::NoSuchDevice(name.clone()))?;
+        let mut state = State::open(self.bpffs())?;
+        if let Some(state) = state.as_mut() {
+            let rules = state
+                .all_rule_sets()?
+                .iter()
+                .flat_map(|(_, s)| {
+                    s.as_slice()
+                        .iter()
+                        .filter(|r| r.dev == dev.0)
+                        .copied()
+                        .collect::<Vec<_>>()
+                })
+                .count();
+            if rules > 0 {
+                return Err(Error::DeviceInUse { dev: name, rules });
+            }
+            state.set_device(dev.0, 0)?;
+        }
+        self.nl.del_link(link.index)
+    }
+
+    /// Removes every rule and program imq attached in this namespace. Devices stay:
+    /// they carry the user's qdiscs. Returns the number of rules removed.
+    pub fn flush(&mut self) -> Result<usize> {
+        let Some(mut state) = State::open(self.bpffs())? else {
+            return Ok(0);
+        };
+        let rules = state
+            .all_rule_sets()?
+            .iter()
+            .map(|(_, s)| s.as_slice().len())
+            .sum();
+        state.destroy()?;
+        Ok(rules)
+    }
+}

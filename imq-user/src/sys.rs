@@ -1,0 +1,261 @@
+//! Small system facts and syscalls: privileges, kernel version, network namespace
+//! identity, bpffs detection and mounting, locks.
+
+use std::{
+    ffi::CString,
+    fs::{self, File},
+    io,
+    os::{fd::AsRawFd, unix::ffi::OsStrExt},
+    path::{Path, PathBuf},
+};
+
+use crate::error::{Error, Result};
+
+const CAP_NET_ADMIN: u32 = 12;
+const CAP_SYS_ADMIN: u32 = 21;
+const CAP_BPF: u32 = 39;
+
+/// `BPF_FS_MAGIC` from include/uapi/linux/magic.h.
+const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+
+/// `SO_NETNS_COOKIE` (asm-generic/socket.h), Linux 5.14.
+const SO_NETNS_COOKIE: libc::c_int = 71;
+
+/// imq needs to create devices and attach programs (CAP_NET_ADMIN) and to load BPF
+/// (CAP_BPF, or CAP_SYS_ADMIN which implies it).
+pub fn check_privileges() -> Result<()> {
+    let status =
+        fs::read_to_string("/proc/self/status").map_err(|e| Error::io("/proc/self/status", e))?;
+    let eff = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .unwrap_or(0);
+    let has = |cap: u32| eff & (1 << cap) != 0;
+    if has(CAP_NET_ADMIN) && (has(CAP_BPF) || has(CAP_SYS_ADMIN)) {
+        Ok(())
+    } else {
+        Err(Error::NotPrivileged)
+    }
+}
+
+/// The running kernel's release string (`uname -r`).
+pub fn kernel_release() -> String {
+    // SAFETY: utsname is plain data; uname fills it.
+    let mut uts: libc::utsname = unsafe { std::mem::zeroed() };
+    // SAFETY: valid pointer to a utsname.
+    if unsafe { libc::uname(&mut uts) } != 0 {
+        return String::from("unknown");
+    }
+    // SAFETY: uname NUL-terminates release.
+    unsafe { std::ffi::CStr::from_ptr(uts.release.as_ptr()) }
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// TCX (multi-prog TC attachment with BPF links) arrived in Linux 6.6.
+pub fn release_has_tcx(release: &str) -> bool {
+    let mut parts = release.split(|c: char| !c.is_ascii_digit());
+    let major: u32 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+    let minor: u32 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+    (major, minor) >= (6, 6)
+}
+
+pub fn check_tcx() -> Result<()> {
+    let release = kernel_release();
+    if release_has_tcx(&release) {
+        Ok(())
+    } else {
+        Err(Error::NoTcx(release))
+    }
+}
+
+/// The current network namespace's cookie: unique for the life of the system and never
+/// reused, unlike the namespace's inode number, so state keyed by it can never be
+/// mistaken for that of a namespace that died.
+pub fn netns_cookie() -> Result<u64> {
+    // SAFETY: plain socket call; the fd is owned below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(Error::io("socket", io::Error::last_os_error()));
+    }
+    // SAFETY: fd is a fresh descriptor we own.
+    let sock = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    let mut cookie: u64 = 0;
+    let mut len = size_of::<u64>() as libc::socklen_t;
+    // SAFETY: cookie and len are valid for writing 8 bytes.
+    let ret = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&raw mut cookie).cast(),
+            &mut len,
+        )
+    };
+    if ret != 0 {
+        return Err(Error::io(
+            "getsockopt(SO_NETNS_COOKIE)",
+            io::Error::last_os_error(),
+        ));
+    }
+    Ok(cookie)
+}
+
+pub fn is_bpffs(path: &Path) -> bool {
+    let Ok(c) = CString::new(path.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: statfs is plain data.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: valid C string and statfs pointer.
+    unsafe { libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == BPF_FS_MAGIC }
+}
+
+fn mount_bpffs_here(path: &Path) -> io::Result<()> {
+    let target = CString::new(path.as_os_str().as_bytes())?;
+    // SAFETY: valid C strings; no data argument.
+    let ret = unsafe {
+        libc::mount(
+            c"bpf".as_ptr(),
+            target.as_ptr(),
+            c"bpf".as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if ret == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+fn mount_ns(pid: &str) -> Option<PathBuf> {
+    fs::read_link(format!("/proc/{pid}/ns/mnt")).ok()
+}
+
+fn parent_pid(pid: &str) -> Option<String> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may contain spaces and parentheses; the fields after its last ')'
+    // are "state ppid ...".
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let ppid = rest.split_whitespace().nth(1)?;
+    (ppid != "0").then(|| ppid.to_owned())
+}
+
+/// The outermost ancestor whose mount namespace differs from ours and that we can
+/// reach, if any. `ip netns exec` runs its command in a fresh mount namespace with a new
+/// /sys, where /sys/fs/bpf is no longer the host's bpffs; a bpffs mounted there would
+/// die (and unpin everything) with that namespace when the command exits.
+fn outer_mount_ns_pid() -> Option<String> {
+    let ours = mount_ns("self")?;
+    let mut found = None;
+    let mut pid = parent_pid("self");
+    while let Some(p) = pid {
+        match mount_ns(&p) {
+            Some(ns) if ns != ours => found = Some(p.clone()),
+            Some(_) => {}
+            None => break,
+        }
+        pid = parent_pid(&p);
+    }
+    found
+}
+
+/// Mounts a bpffs at `/sys/fs/bpf` inside the mount namespace of `pid`, from a forked
+/// child (setns(CLONE_NEWNS) needs a single-threaded caller).
+fn mount_bpffs_in(pid: &str) -> io::Result<()> {
+    let ns = File::open(format!("/proc/{pid}/ns/mnt"))?;
+    let root = CString::new("/")?;
+    let target = CString::new("/sys/fs/bpf")?;
+    // SAFETY: the child only makes raw syscalls and _exits.
+    match unsafe { libc::fork() } {
+        -1 => Err(io::Error::last_os_error()),
+        0 => unsafe {
+            let ok = libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNS) == 0
+                && libc::chdir(root.as_ptr()) == 0
+                && libc::mount(
+                    c"bpf".as_ptr(),
+                    target.as_ptr(),
+                    c"bpf".as_ptr(),
+                    0,
+                    std::ptr::null(),
+                ) == 0;
+            libc::_exit(if ok { 0 } else { 1 })
+        },
+        child => {
+            let mut status = 0;
+            // SAFETY: waiting for our own child.
+            if unsafe { libc::waitpid(child, &mut status, 0) } < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            if libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0 {
+                Ok(())
+            } else {
+                Err(io::Error::other(
+                    "mounting bpffs in the outer mount namespace failed",
+                ))
+            }
+        }
+    }
+}
+
+/// The bpffs that holds imq's state, mounted if there is none. The same for every
+/// imqctl on the host, whether started directly or by `ip netns exec`.
+pub fn find_bpffs(configured: Option<&Path>) -> Result<PathBuf> {
+    if let Some(dir) = configured {
+        if !is_bpffs(dir) {
+            return Err(Error::NotBpffs(dir.to_owned()));
+        }
+        return Ok(dir.to_owned());
+    }
+    let sys = Path::new("/sys/fs/bpf");
+    if let Some(pid) = outer_mount_ns_pid() {
+        let outer = PathBuf::from(format!("/proc/{pid}/root/sys/fs/bpf"));
+        if !is_bpffs(&outer) {
+            mount_bpffs_in(&pid).map_err(|e| Error::io("mounting bpffs on /sys/fs/bpf", e))?;
+        }
+        return if is_bpffs(&outer) {
+            Ok(outer)
+        } else {
+            Err(Error::NotBpffs(outer))
+        };
+    }
+    if !is_bpffs(sys) {
+        mount_bpffs_here(sys).map_err(|e| Error::io("mounting bpffs on /sys/fs/bpf", e))?;
+    }
+    Ok(sys.to_owned())
+}
+
+/// An exclusive `flock` held until drop: serializes concurrent imqctl invocations.
+pub struct Lock(#[allow(dead_code)] File);
+
+impl Lock {
+    pub fn exclusive(dir: &Path) -> Result<Self> {
+        let f = File::open(dir).map_err(|e| Error::io(format!("open {}", dir.display()), e))?;
+        // SAFETY: valid fd.
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            return Err(Error::io(
+                format!("lock {}", dir.display()),
+                io::Error::last_os_error(),
+            ));
+        }
+        Ok(Self(f))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tcx_needs_6_6() {
+        assert!(release_has_tcx("6.6.0"));
+        assert!(release_has_tcx("6.18.44-fc-v669"));
+        assert!(release_has_tcx("7.0-rc1"));
+        assert!(!release_has_tcx("6.5.13-amd64"));
+        assert!(!release_has_tcx("5.15.0-91-generic"));
+        assert!(!release_has_tcx("garbage"));
+    }
+}
