@@ -102,9 +102,9 @@ fn is_ip(ctx: &TcContext) -> bool {
     };
     match u16::from_be(proto) {
         ETH_P_IP => {
-            first >> 4 == 4
-                && usize::from(first & 0xf) * 4 >= IPV4_MIN_HLEN
-                && ctx.load::<u8>(ETH_HLEN + IPV4_MIN_HLEN - 1).is_ok()
+            // The whole header as IHL declares it, options included.
+            let hlen = usize::from(first & 0xf) * 4;
+            first >> 4 == 4 && hlen >= IPV4_MIN_HLEN && ctx.load::<u8>(ETH_HLEN + hlen - 1).is_ok()
         }
         ETH_P_IPV6 => first >> 4 == 6 && ctx.load::<u8>(ETH_HLEN + IPV6_HLEN - 1).is_ok(),
         _ => false,

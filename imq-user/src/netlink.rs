@@ -103,10 +103,12 @@ impl Netlink {
         Ok(self.links()?.into_iter().find(|l| l.index == index))
     }
 
-    /// Creates an ifb device, up, with the given txqueuelen.
+    /// Creates an ifb device with the given txqueuelen and brings it up. IPv6 is
+    /// disabled on it first: an imq device carries other interfaces' packets and must
+    /// not send ND/MLD of its own (ifb would drop them and count them as received).
     pub fn add_ifb(&self, name: &str, txqueuelen: u32) -> Result<Link> {
         self.rt.block_on(async {
-            let msg = LinkIfb::new(name).txqueuelen(txqueuelen).up().build();
+            let msg = LinkIfb::new(name).txqueuelen(txqueuelen).build();
             self.handle
                 .link()
                 .add(msg)
@@ -114,8 +116,16 @@ impl Netlink {
                 .await
                 .map_err(|e| nl_err(&format!("create {name}"), e))
         })?;
-        self.link_by_name(name)?
-            .ok_or_else(|| Error::Netlink(format!("{name} vanished right after it was created")))
+        let link = self
+            .link_by_name(name)?
+            .ok_or_else(|| Error::Netlink(format!("{name} vanished right after it was created")))?;
+        // Absent when IPv6 is disabled altogether: nothing to silence then.
+        let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6"), "1");
+        if let Err(e) = self.set_up(link.index) {
+            let _ = self.del_link(link.index);
+            return Err(e);
+        }
+        Ok(Link { up: true, ..link })
     }
 
     pub fn set_up(&self, index: u32) -> Result<()> {

@@ -1,1 +1,330 @@
+//! Test kit for imq: network namespaces that clean up after themselves, a bounded TCP
+//! traffic generator that measures goodput at the receiver, and helpers to run imqctl
+//! and ip/tc inside a namespace.
+//!
+//! Everything it creates lives in namespaces it created, with addresses from
+//! 198.18.0.0/15 and 2001:db8::/32; nothing on the host is touched.
 
+use std::{
+    fs::File,
+    io::{self, Read, Write},
+    net::{SocketAddr, TcpListener, TcpStream},
+    os::fd::AsRawFd,
+    path::PathBuf,
+    process::{Command, Output},
+    sync::{
+        atomic::{AtomicU32, Ordering},
+        mpsc,
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+
+/// Privileged tests call this first: without root they fail, loudly, instead of
+/// passing without having run.
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    assert!(
+        euid == 0,
+        "this test needs root (it creates network namespaces and loads BPF): run `sudo cargo xtask test`"
+    );
+}
+
+/// A short name unique to this process and call, for namespaces and subnets.
+pub fn unique_id() -> u32 {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    (std::process::id() % 10_000) * 100 + NEXT.fetch_add(1, Ordering::Relaxed) % 100
+}
+
+fn run(cmd: &mut Command) -> Result<Output> {
+    let out = cmd.output().with_context(|| format!("spawn {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(out)
+}
+
+/// A network namespace, deleted on drop (with every device in it).
+pub struct NetNs {
+    name: String,
+}
+
+impl NetNs {
+    pub fn new(name: impl Into<String>) -> Result<Self> {
+        let name = name.into();
+        run(Command::new("ip").args(["netns", "add", &name]))?;
+        let ns = Self { name };
+        ns.ip(&["link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// A command that runs inside the namespace.
+    pub fn command(&self, program: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name, program]);
+        c
+    }
+
+    /// Runs `program args` in the namespace; fails unless it exits 0.
+    pub fn exec(&self, program: &str, args: &[&str]) -> Result<String> {
+        let out = run(self.command(program).args(args))?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    pub fn ip(&self, args: &[&str]) -> Result<String> {
+        self.exec("ip", args)
+    }
+
+    pub fn tc(&self, args: &[&str]) -> Result<String> {
+        self.exec("tc", args)
+    }
+
+    /// Spawns a thread that runs `f` inside this namespace (setns affects only the
+    /// calling thread; sockets it opens stay in the namespace).
+    pub fn spawn<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> Result<T> + Send + 'static,
+    ) -> thread::JoinHandle<Result<T>> {
+        let path = format!("/run/netns/{}", self.name);
+        thread::spawn(move || {
+            let ns = File::open(&path).with_context(|| format!("open {path}"))?;
+            // SAFETY: valid fd of a network namespace.
+            if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return Err(io::Error::last_os_error()).context("setns");
+            }
+            f()
+        })
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        // imq's pinned state for this namespace would outlive it: remove it first.
+        if let Some(imqctl) = imqctl_path() {
+            let _ = self
+                .command(imqctl.to_str().unwrap_or("imqctl"))
+                .arg("flush")
+                .output();
+        }
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+    }
+}
+
+/// Two namespaces joined by a veth pair:
+/// `client` (veth `c0`, 198.18.N.1, 2001:db8:N::1) — `server` (veth `s0`, .2, ::2).
+pub struct Pair {
+    // Field order: namespaces drop (and are deleted) after nothing else needs them.
+    pub client: NetNs,
+    pub server: NetNs,
+    pub id: u32,
+}
+
+impl Pair {
+    pub fn new(tag: &str) -> Result<Self> {
+        let id = unique_id();
+        let client = NetNs::new(format!("imq-{tag}-{id}-c"))?;
+        let server = NetNs::new(format!("imq-{tag}-{id}-s"))?;
+        client.ip(&[
+            "link",
+            "add",
+            "c0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "s0",
+            "netns",
+            server.name(),
+        ])?;
+        let net = id % 250;
+        let v4 = |h: u8| format!("198.18.{net}.{h}/24");
+        let v6 = |h: u8| format!("2001:db8:{net:x}::{h}/64");
+        for (ns, dev, host) in [(&client, "c0", 1), (&server, "s0", 2)] {
+            ns.ip(&["addr", "add", &v4(host), "dev", dev])?;
+            ns.ip(&["addr", "add", &v6(host), "dev", dev, "nodad"])?;
+            ns.ip(&["link", "set", dev, "up"])?;
+        }
+        Ok(Self { client, server, id })
+    }
+
+    pub fn server_v4(&self) -> String {
+        format!("198.18.{}.2", self.id % 250)
+    }
+
+    pub fn server_v6(&self) -> String {
+        format!("2001:db8:{:x}::2", self.id % 250)
+    }
+}
+
+/// What the receiver measured.
+#[derive(Clone, Copy, Debug)]
+pub struct Goodput {
+    pub bytes: u64,
+    pub secs: f64,
+}
+
+impl Goodput {
+    pub fn mbit_per_s(&self) -> f64 {
+        self.bytes as f64 * 8.0 / self.secs / 1e6
+    }
+}
+
+impl std::fmt::Display for Goodput {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{:.2} Mbit/s ({} bytes in {:.2} s)",
+            self.mbit_per_s(),
+            self.bytes,
+            self.secs
+        )
+    }
+}
+
+/// Bounds of one goodput measurement.
+#[derive(Clone, Copy, Debug)]
+pub struct Load {
+    /// Received before measuring: lets TCP and the shaper's burst settle.
+    pub warmup: Duration,
+    /// The measured window.
+    pub window: Duration,
+    /// The sender never sends more than this, whatever the link's speed.
+    pub max_bytes: u64,
+}
+
+impl Default for Load {
+    fn default() -> Self {
+        Self {
+            warmup: Duration::from_millis(1500),
+            window: Duration::from_secs(3),
+            max_bytes: 16 << 30,
+        }
+    }
+}
+
+/// One TCP stream from `client` to `server_addr` (a port on `server`); the goodput
+/// the receiver saw in the measured window. The receiver ends the transfer by
+/// closing; the sender stops at the first failed write, at `max_bytes`, or after
+/// warmup + window + 10 s, whichever comes first.
+pub fn tcp_goodput(
+    client: &NetNs,
+    server: &NetNs,
+    server_addr: SocketAddr,
+    load: Load,
+) -> Result<Goodput> {
+    let (ready_tx, ready_rx) = mpsc::channel();
+    let receiver = server.spawn(move || {
+        let listener =
+            TcpListener::bind(server_addr).with_context(|| format!("bind {server_addr}"))?;
+        ready_tx.send(listener.local_addr()?)?;
+        let (mut conn, _) = listener.accept()?;
+        conn.set_read_timeout(Some(Duration::from_secs(5)))?;
+        let mut buf = vec![0u8; 256 << 10];
+        let mut first = None;
+        let mut measured_from = None;
+        let mut bytes = 0u64;
+        loop {
+            let n = conn.read(&mut buf).context("receive")?;
+            if n == 0 {
+                bail!("sender closed before the measurement ended");
+            }
+            let now = Instant::now();
+            let first = *first.get_or_insert(now);
+            match measured_from {
+                None if now.duration_since(first) >= load.warmup => measured_from = Some(now),
+                None => {}
+                Some(from) => {
+                    bytes += n as u64;
+                    let secs = now.duration_since(from).as_secs_f64();
+                    if secs >= load.window.as_secs_f64() {
+                        return Ok(Goodput { bytes, secs });
+                    }
+                }
+            }
+        }
+    });
+    let addr = ready_rx
+        .recv_timeout(Duration::from_secs(5))
+        .context("receiver did not start")?;
+    let hard_stop = load.warmup + load.window + Duration::from_secs(10);
+    let sender = client.spawn(move || {
+        let mut conn = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+            .with_context(|| format!("connect {addr}"))?;
+        conn.set_write_timeout(Some(Duration::from_secs(2)))?;
+        let buf = vec![0x5au8; 128 << 10];
+        let start = Instant::now();
+        let mut sent = 0u64;
+        while sent < load.max_bytes && start.elapsed() < hard_stop {
+            match conn.write(&buf) {
+                Ok(n) => sent += n as u64,
+                // The receiver closed: the measurement is over.
+                Err(_) => break,
+            }
+        }
+        Ok(sent)
+    });
+    let result = receiver
+        .join()
+        .map_err(|_| anyhow::anyhow!("receiver panicked"))?;
+    let _ = sender.join();
+    result
+}
+
+/// The imqctl binary under test: `$IMQCTL`, else the workspace's release build, else
+/// its debug build.
+pub fn imqctl_path() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("IMQCTL") {
+        return Some(PathBuf::from(p));
+    }
+    let target = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target");
+    ["release", "debug"]
+        .iter()
+        .map(|p| target.join(p).join("imqctl"))
+        .find(|p| p.exists())
+}
+
+/// What one imqctl invocation did.
+#[derive(Debug)]
+pub struct Imqctl {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl NetNs {
+    /// Runs imqctl with `args` in this namespace, the way an admin would
+    /// (`ip netns exec NS imqctl ...`).
+    pub fn imqctl(&self, args: &[&str]) -> Imqctl {
+        let path = imqctl_path().expect("no imqctl binary: run `cargo xtask build` or set IMQCTL");
+        let out = self
+            .command(path.to_str().expect("utf-8 path"))
+            .args(args)
+            .output()
+            .expect("spawn imqctl");
+        Imqctl {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    /// Runs imqctl and panics with its stderr unless it succeeds.
+    pub fn imqctl_ok(&self, args: &[&str]) -> String {
+        let r = self.imqctl(args);
+        assert_eq!(r.code, 0, "imqctl {args:?} failed: {}", r.stderr.trim());
+        r.stdout
+    }
+}

@@ -1,0 +1,337 @@
+//! Ingress shaping end to end: real namespaces, veth, ifb, TCP traffic from the test
+//! kit's generator, and rates measured at the receiver.
+//!
+//! Topology per test: client (c0) —veth— server (s0). imq is attached to the ingress
+//! of s0, so the client's upload is what the server receives through imq0.
+
+use std::net::SocketAddr;
+
+use imq_tests::{Goodput, Load, NetNs, Pair, require_root, tcp_goodput};
+use serde_json::Value;
+
+const SHAPED_MBIT: f64 = 10.0;
+/// Unshaped veth TCP is 15-20 Gbit/s here; anything shaped would be near 10 Mbit/s.
+const UNSHAPED_FLOOR_MBIT: f64 = 1000.0;
+
+fn upload(pair: &Pair, port: u16) -> Goodput {
+    let addr: SocketAddr = format!("{}:{port}", pair.server_v4()).parse().unwrap();
+    tcp_goodput(&pair.client, &pair.server, addr, Load::default()).expect("traffic")
+}
+
+fn upload_v6(pair: &Pair, port: u16) -> Goodput {
+    let addr: SocketAddr = format!("[{}]:{port}", pair.server_v6()).parse().unwrap();
+    tcp_goodput(&pair.client, &pair.server, addr, Load::default()).expect("traffic")
+}
+
+fn tbf(ns: &NetNs, dev: &str, mbit: f64) {
+    // burst of a few full-size packets at this rate; latency bounds the queue.
+    ns.tc(&[
+        "qdisc",
+        "replace",
+        "dev",
+        dev,
+        "root",
+        "tbf",
+        "rate",
+        &format!("{mbit}mbit"),
+        "burst",
+        "16kb",
+        "latency",
+        "100ms",
+    ])
+    .expect("tbf");
+}
+
+fn assert_shaped(g: Goodput, what: &str) {
+    let m = g.mbit_per_s();
+    assert!(
+        (8.5..=10.5).contains(&m),
+        "{what}: expected 8.5-10.5 Mbit/s through TBF 10mbit, measured {g}"
+    );
+}
+
+fn assert_unshaped(g: Goodput, what: &str) {
+    assert!(
+        g.mbit_per_s() > UNSHAPED_FLOOR_MBIT,
+        "{what}: expected unshaped (> {UNSHAPED_FLOOR_MBIT} Mbit/s), measured {g}"
+    );
+}
+
+fn show(ns: &NetNs) -> Value {
+    serde_json::from_str(&ns.imqctl_ok(&["show", "-j"])).expect("show -j is JSON")
+}
+
+/// (packets, bytes) imq0 received: what the data path redirected into it.
+fn imq_rx(ns: &NetNs, dev: &str) -> (u64, u64) {
+    let v: Value =
+        serde_json::from_str(&ns.ip(&["-s", "-j", "link", "show", dev]).unwrap()).unwrap();
+    let rx = &v[0]["stats64"]["rx"];
+    (
+        rx["packets"].as_u64().unwrap(),
+        rx["bytes"].as_u64().unwrap(),
+    )
+}
+
+fn rule_counters(status: &Value) -> (u64, u64) {
+    status["rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .fold((0, 0), |(p, b), r| {
+            (
+                p + r["packets"].as_u64().unwrap(),
+                b + r["bytes"].as_u64().unwrap(),
+            )
+        })
+}
+
+#[test]
+fn tbf_on_imq0_shapes_ingress_and_detach_restores_it() {
+    require_root();
+    let pair = Pair::new("shape").unwrap();
+    let s = &pair.server;
+
+    // imqctl exits after attach: everything below runs on pinned kernel objects.
+    s.imqctl_ok(&["attach", "s0", "--direction", "ingress"]);
+
+    // With an unlimited FIFO on imq0 traffic passes at full speed, and the rule counted
+    // exactly what imq0 received. ifb counts in ifb_xmit, after the root qdisc, so the
+    // qdisc must neither drop nor segment (TBF splits GSO packets) for them to agree.
+    s.tc(&[
+        "qdisc", "replace", "dev", "imq0", "root", "pfifo", "limit", "100000",
+    ])
+    .unwrap();
+    assert_unshaped(upload(&pair, 5200), "through imq0 with pfifo");
+    let status = show(s);
+    let (packets, bytes) = rule_counters(&status);
+    let qdisc: Value =
+        serde_json::from_str(&s.tc(&["-s", "-j", "qdisc", "show", "dev", "imq0"]).unwrap())
+            .unwrap();
+    assert_eq!(qdisc[0]["drops"], 0, "{qdisc}");
+    assert_eq!(
+        (packets, bytes),
+        imq_rx(s, "imq0"),
+        "rule counters vs imq0 rx: {status}"
+    );
+    assert!(packets > 1000, "{status}");
+
+    tbf(s, "imq0", SHAPED_MBIT);
+    assert_shaped(upload(&pair, 5201), "IPv4 upload into s0");
+    assert_shaped(upload_v6(&pair, 5202), "IPv6 upload into s0");
+
+    let dev = &status["devices"][0];
+    assert_eq!(dev["name"], "imq0");
+    assert_eq!(dev["state"], "up");
+    assert!(dev["txqueuelen"].as_u64().unwrap() >= 1000, "{dev}");
+    let rule = &status["rules"][0];
+    assert_eq!(
+        (rule["interface"].as_str(), rule["direction"].as_str()),
+        (Some("s0"), Some("ingress"))
+    );
+    assert_eq!(rule["dev"], "imq0");
+    assert!(rule.get("mark").is_none(), "{rule}");
+
+    s.imqctl_ok(&["detach", "s0"]);
+    assert_unshaped(upload(&pair, 5203), "after detach");
+    assert_eq!(show(s)["rules"].as_array().unwrap().len(), 0);
+}
+
+#[test]
+fn mark_rules_select_by_fwmark() {
+    require_root();
+    let pair = Pair::new("mark").unwrap();
+    let s = &pair.server;
+
+    // At TC ingress netfilter has not run, so arriving packets carry mark 0.
+    s.imqctl_ok(&["attach", "s0", "--mark", "0x10/0xff"]);
+    tbf(s, "imq0", SHAPED_MBIT);
+    assert_unshaped(upload(&pair, 5201), "non-matching --mark");
+    let status = show(s);
+    assert_eq!(status["rules"][0]["mark"], "0x10/0xff");
+    assert_eq!(rule_counters(&status), (0, 0), "nothing matched: {status}");
+
+    // A rule that does match mark 0, after the first: first match wins.
+    s.imqctl_ok(&["attach", "s0", "--mark", "0/0xff"]);
+    assert_shaped(upload(&pair, 5202), "matching --mark 0/0xff");
+    let status = show(s);
+    let rules = status["rules"].as_array().unwrap();
+    assert_eq!(rules.len(), 2);
+    assert_eq!(rules[0]["packets"], 0, "{status}");
+    assert!(rules[1]["packets"].as_u64().unwrap() > 0, "{status}");
+
+    // Remove only the matching rule: traffic is unshaped again.
+    s.imqctl_ok(&["detach", "s0", "--mark", "0/0xff"]);
+    assert_eq!(show(s)["rules"].as_array().unwrap().len(), 1);
+    assert_unshaped(upload(&pair, 5203), "after detaching the matching rule");
+}
+
+#[test]
+fn two_namespaces_attach_independently() {
+    require_root();
+    let a = Pair::new("nsa").unwrap();
+    let b = Pair::new("nsb").unwrap();
+    a.server.imqctl_ok(&["attach", "s0"]);
+    tbf(&a.server, "imq0", SHAPED_MBIT);
+    b.server.imqctl_ok(&["attach", "s0", "--mark", "0x7"]);
+
+    // Each namespace sees only its own rules.
+    let (sa, sb) = (show(&a.server), show(&b.server));
+    assert_eq!(sa["rules"].as_array().unwrap().len(), 1, "{sa}");
+    assert!(sa["rules"][0].get("mark").is_none(), "{sa}");
+    assert_eq!(sb["rules"][0]["mark"], "0x7", "{sb}");
+
+    // Flushing b leaves a's data path and state alone.
+    b.server.imqctl_ok(&["flush"]);
+    assert_eq!(show(&b.server)["rules"].as_array().unwrap().len(), 0);
+    assert_eq!(show(&a.server)["rules"].as_array().unwrap().len(), 1);
+    assert_shaped(upload(&a, 5201), "namespace a after b's flush");
+    assert_unshaped(upload(&b, 5201), "namespace b");
+}
+
+#[test]
+fn imq_device_can_be_added_and_deleted() {
+    require_root();
+    let pair = Pair::new("dev").unwrap();
+    let s = &pair.server;
+    s.imqctl_ok(&["dev", "add", "imq3", "--txqueuelen", "2000"]);
+    let status = show(s);
+    assert_eq!(status["devices"][0]["name"], "imq3");
+    assert_eq!(status["devices"][0]["txqueuelen"], 2000);
+    // A second add adopts the device and is not an error.
+    s.imqctl_ok(&["dev", "add", "imq3"]);
+
+    s.imqctl_ok(&["attach", "s0", "--dev", "imq3"]);
+    // The same rule twice is a no-op; a second interface may feed the same device.
+    s.imqctl_ok(&["attach", "s0", "--dev", "imq3"]);
+    s.ip(&["link", "add", "vx", "type", "veth", "peer", "name", "vy"])
+        .unwrap();
+    s.imqctl_ok(&["attach", "vx", "--dev", "imq3"]);
+    let rules = show(s)["rules"].as_array().unwrap().clone();
+    assert_eq!(
+        rules
+            .iter()
+            .map(|r| (r["interface"].as_str().unwrap(), r["dev"].as_str().unwrap()))
+            .collect::<Vec<_>>(),
+        [("s0", "imq3"), ("vx", "imq3")]
+    );
+    let refused = s.imqctl(&["dev", "del", "imq3"]);
+    assert_ne!(refused.code, 0);
+    assert!(refused.stderr.contains("detach"), "{}", refused.stderr);
+    s.imqctl_ok(&["flush"]);
+    s.imqctl_ok(&["dev", "del", "imq3"]);
+    assert!(
+        s.ip(&["link", "show", "imq3"]).is_err(),
+        "imq3 still exists"
+    );
+    assert_eq!(show(s)["devices"].as_array().unwrap().len(), 0);
+}
+
+/// Everything that must be refused: one line on stderr, a non-zero exit, and no change
+/// to imq's state or to the namespace's devices.
+#[test]
+fn bad_input_is_refused_and_changes_nothing() {
+    require_root();
+    let pair = Pair::new("bad").unwrap();
+    let s = &pair.server;
+    s.imqctl_ok(&["attach", "s0", "--mark", "0x10/0xff"]);
+    s.ip(&["link", "add", "ifb7", "type", "ifb"]).unwrap();
+    s.ip(&["link", "add", "vx", "type", "veth", "peer", "name", "vy"])
+        .unwrap();
+
+    let before = (show(s), s.ip(&["-br", "link"]).unwrap());
+    let cases: &[(&[&str], &str)] = &[
+        (&["attach", "nosuch0"], "no interface 'nosuch0'"),
+        (&["attach", "s0", "--mark", "0x1zz"], "invalid mark"),
+        (&["attach", "s0", "--mark", "0x11/0x0f"], "outside the mask"),
+        (&["attach", "s0", "--mark", "1/0x100000000"], "invalid mark"),
+        (
+            &["attach", "s0", "--direction", "sideways"],
+            "invalid direction",
+        ),
+        (
+            &["attach", "s0", "--direction", "egress"],
+            "not supported yet",
+        ),
+        (
+            &["attach", "s0", "--direction", "both"],
+            "not supported yet",
+        ),
+        (&["attach", "imq0"], "imq0 is an imq device"),
+        (&["attach", "ifb7"], "ifb7 is an ifb device"),
+        (&["attach", "lo"], "not an Ethernet interface"),
+        (
+            &["attach", "vx", "--dev", "eth0"],
+            "invalid imq device name",
+        ),
+        (
+            &["attach", "vx", "--dev", "imq256"],
+            "invalid imq device name",
+        ),
+        (
+            &["attach", "s0", "--mark", "0x10/0xff", "--dev", "imq1"],
+            "conflicts with the rule at prio 10",
+        ),
+        (
+            &["attach", "vx", "--dev", "ifb7"],
+            "invalid imq device name",
+        ),
+        (&["detach", "s0", "--mark", "0x20"], "no imq rule on s0"),
+        (&["detach", "vx"], "no imq rule on vx"),
+        (&["dev", "del", "imq0"], "detach them first"),
+        (&["dev", "del", "imq9"], "no imq device imq9"),
+        (
+            &["dev", "add", "imq1", "--txqueuelen", "0"],
+            "invalid txqueuelen",
+        ),
+        (&["frobnicate"], "unrecognized subcommand"),
+    ];
+    for (args, expect) in cases {
+        let r = s.imqctl(args);
+        assert_ne!(r.code, 0, "imqctl {args:?} succeeded");
+        assert!(
+            r.stdout.is_empty(),
+            "imqctl {args:?} printed {:?}",
+            r.stdout
+        );
+        let line = r.stderr.trim_end();
+        assert!(
+            !line.contains('\n'),
+            "imqctl {args:?}: more than one line: {line:?}"
+        );
+        assert!(
+            line.starts_with("imqctl: ") && line.contains(expect),
+            "imqctl {args:?}: {line:?}"
+        );
+        assert_eq!(
+            (show(s), s.ip(&["-br", "link"]).unwrap()),
+            before,
+            "imqctl {args:?} changed something"
+        );
+    }
+
+    // Without privileges: refused before anything is read or changed.
+    let imqctl = imq_tests::imqctl_path().unwrap();
+    let out = s
+        .command("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+        ])
+        .arg(&imqctl)
+        .args(["attach", "vx"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "unprivileged attach succeeded");
+    assert!(
+        err.trim_end().lines().count() == 1 && err.contains("needs root"),
+        "{err:?}"
+    );
+    assert_eq!(
+        (show(s), s.ip(&["-br", "link"]).unwrap()),
+        before,
+        "unprivileged attach changed something"
+    );
+}
