@@ -68,7 +68,7 @@ fn select(ctx: &TcContext, direction: u32) -> Option<u32> {
     let key = HookKey { ifindex, direction };
     // SAFETY: the value is only read, and an update replaces the element instead of
     // writing into it (see RULES).
-    let set = unsafe { RULES.get(&key) }?;
+    let set = unsafe { RULES.get(key) }?;
     let len = set.len as usize;
     for i in 0..MAX_RULES_PER_HOOK {
         if i >= len {

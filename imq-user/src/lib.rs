@@ -163,7 +163,7 @@ impl Imq {
                 state.attach(direction, &link.name, link.index)?;
                 return Ok(Attached::Unchanged);
             }
-            Insert::Changed(new) => new,
+            Insert::Changed(new) => *new,
         };
 
         // Everything is decided; from here on, undo what was done if a step fails.

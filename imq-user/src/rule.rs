@@ -196,7 +196,7 @@ pub enum Insert {
     /// The same rule is already there.
     Unchanged,
     /// The new set, with the new rule in prio order.
-    Changed(RuleSet),
+    Changed(Box<RuleSet>),
 }
 
 /// The match part of a rule, as stored.
@@ -266,7 +266,7 @@ pub fn insert(
         flags: 0,
     };
     new.len += 1;
-    Ok(Insert::Changed(new))
+    Ok(Insert::Changed(Box::new(new)))
 }
 
 /// Removes the rules with the given match (all rules without one). Returns the new set
@@ -398,7 +398,7 @@ mod tests {
 
     fn changed(r: Result<Insert>) -> RuleSet {
         match r.unwrap() {
-            Insert::Changed(s) => s,
+            Insert::Changed(s) => *s,
             Insert::Unchanged => panic!("expected a change"),
         }
     }

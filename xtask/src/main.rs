@@ -1,1 +1,144 @@
-fn main() {}
+//! Project tasks: `cargo xtask setup | build | run | test | lint`.
+
+mod demo;
+mod setup;
+
+use std::{
+    ffi::OsString,
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+};
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Make this machine ready: nightly + rust-src, bpf-linker, Debian tools (idempotent)
+    Setup,
+    /// Build target/release/imqctl with the eBPF object embedded
+    Build,
+    /// Without arguments: a shaping demo in throwaway namespaces. With `-- ARGS`: imqctl ARGS
+    Run {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
+    /// Run every test: unit, BPF_PROG_TEST_RUN and privileged integration tests (root)
+    Test {
+        /// Only tests whose name contains this
+        filter: Option<String>,
+    },
+    /// cargo fmt --check and clippy -D warnings on the host and eBPF crates
+    Lint,
+}
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_owned()
+}
+
+pub fn imqctl_path() -> PathBuf {
+    workspace_root().join("target/release/imqctl")
+}
+
+/// Runs a command to completion; an error names it and its exit status.
+pub fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("spawn {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    c.current_dir(workspace_root())
+        .env("PATH", setup::path_with_cargo_bin());
+    c
+}
+
+fn build() -> Result<()> {
+    setup::setup()?;
+    run(cargo().args(["build", "--release", "--package", "imq-user"]))?;
+    println!("built {}", imqctl_path().display());
+    Ok(())
+}
+
+fn test(filter: Option<String>) -> Result<()> {
+    build()?;
+    let mut cmd = cargo();
+    cmd.args(["test", "--release"]).env("IMQCTL", imqctl_path());
+    // Throughput tests share two cores: one at a time keeps their figures honest.
+    cmd.args(["--", "--test-threads=1"]);
+    cmd.args(filter);
+    run(&mut cmd)
+}
+
+fn lint() -> Result<()> {
+    setup::setup()?;
+    run(cargo().args(["fmt", "--all", "--check"]))?;
+    run(cargo().args([
+        "clippy",
+        "--release",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    // CARGO is the stable toolchain's cargo itself; rustup picks the nightly one.
+    run(Command::new("rustup")
+        .current_dir(workspace_root().join("imq-ebpf"))
+        .env("PATH", setup::path_with_cargo_bin())
+        .args([
+            "run",
+            "nightly",
+            "cargo",
+            "clippy",
+            "--release",
+            "--target",
+            "bpfel-unknown-none",
+            "-Z",
+            "build-std=core",
+            "--",
+            "-D",
+            "warnings",
+        ]))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.task {
+        Task::Setup => setup::setup(),
+        Task::Build => build(),
+        Task::Run { args } if args.is_empty() => build().and_then(|()| demo::run()),
+        Task::Run { args } => {
+            return match build()
+                .and_then(|()| Ok(Command::new(imqctl_path()).args(args).status()?))
+            {
+                Ok(status) => ExitCode::from(status.code().unwrap_or(1) as u8),
+                Err(e) => {
+                    eprintln!("xtask: {e:#}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        Task::Test { filter } => test(filter),
+        Task::Lint => lint(),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
