@@ -26,6 +26,7 @@ pub const COUNTERS_MAP: &str = "imq_counters";
 
 /// Program names in the ELF.
 pub const INGRESS_PROG: &str = "imq_ingress";
+pub const EGRESS_PROG: &str = "imq_egress";
 
 pub const DIRECTION_INGRESS: u32 = 0;
 pub const DIRECTION_EGRESS: u32 = 1;

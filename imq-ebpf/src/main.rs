@@ -16,7 +16,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use imq_common::{
-    Counters, DIRECTION_INGRESS, Device, HookKey, MAX_DEVICES, MAX_HOOKS, MAX_RULE_IDS,
+    Counters, DIRECTION_EGRESS, DIRECTION_INGRESS, Device, HookKey, MAX_DEVICES, MAX_HOOKS, MAX_RULE_IDS,
     MAX_RULES_PER_HOOK, RuleSet,
 };
 
@@ -36,6 +36,9 @@ static COUNTERS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(MAX_RULE_
 
 /// TCX verdict "not mine": the next TCX program, then classic tc filters, still run.
 const TCX_NEXT: i32 = TC_ACT_UNSPEC;
+/// cls_bpf (classic mode) verdicts: match with the filter's own classid, or no match.
+const CLS_MATCH: i32 = -1;
+const CLS_NO_MATCH: i32 = 0;
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -46,20 +49,58 @@ const IPV6_HLEN: usize = 40;
 #[classifier]
 pub fn imq_ingress(ctx: TcContext) -> i32 {
     match select(&ctx, DIRECTION_INGRESS) {
-        // SAFETY: plain helper call; the verdict it returns (TC_ACT_REDIRECT, or
-        // TC_ACT_SHOT for bad flags, which we never pass) is handed to the kernel.
-        Some(ifindex) => unsafe { bpf_redirect(ifindex, 0) as i32 },
+        Some(sel) => {
+            count(sel.rule_id, ctx.len());
+            // SAFETY: plain helper call; the verdict it returns (TC_ACT_REDIRECT, or
+            // TC_ACT_SHOT for bad flags, which we never pass) is handed to the kernel.
+            unsafe { bpf_redirect(sel.ifindex, 0) as i32 }
+        }
         None => TCX_NEXT,
     }
 }
 
-/// The ifindex of the imq device the packet is selected for, if any.
+/// Egress classifier, run by cls_bpf in classic (non direct-action) mode with an
+/// `act_mirred egress redirect` to one imq device. bpf_redirect cannot be used on
+/// egress: it leaves skb_iif unset, so ifb drops local packets and sends forwarded ones
+/// back out of their input device (ifb_xmit, ifb_ri_tasklet); mirred sets skb_iif to
+/// the egress device first.
+///
+/// There is one filter per imq device the interface's rules use, all running this
+/// program; cls_bpf stores the filter's classid in skb->tc_classid before running it
+/// (cls_bpf_classify), and its minor number says which device this filter serves. The
+/// program answers "match" (-1: use the filter's classid, then run its mirred action)
+/// only when the first matching rule sends the packet to that device.
+#[classifier]
+pub fn imq_egress(ctx: TcContext) -> i32 {
+    // SAFETY: ctx.skb.skb is the context pointer the kernel gave this program.
+    let (filter_dev, came_from) = unsafe { ((*ctx.skb.skb).tc_classid & 0xffff, (*ctx.skb.skb).ingress_ifindex) };
+    match select(&ctx, DIRECTION_EGRESS) {
+        // ifb re-injects with dev_queue_xmit and skb_iif set to itself, and the
+        // classifier runs again: mirred would skip it (tc_skip_classify), but it must
+        // not be counted twice either.
+        Some(sel) if sel.dev == filter_dev && came_from != sel.ifindex => {
+            count(sel.rule_id, ctx.len());
+            CLS_MATCH
+        }
+        _ => CLS_NO_MATCH,
+    }
+}
+
+/// What the first matching rule decided.
+struct Selection {
+    /// imq device number and its ifindex.
+    dev: u32,
+    ifindex: u32,
+    rule_id: u32,
+}
+
+/// The imq device the packet is selected for, if any.
 ///
 /// Every "no" is deliberate and leaves the packet untouched: not IPv4/IPv6, a header
 /// too short to be a real packet, no rules on this hook, no rule matching, or a target
 /// device that does not exist (pass unshaped rather than drop, as IMQ did).
 #[inline(always)]
-fn select(ctx: &TcContext, direction: u32) -> Option<u32> {
+fn select(ctx: &TcContext, direction: u32) -> Option<Selection> {
     if !is_ip(ctx) {
         return None;
     }
@@ -82,8 +123,11 @@ fn select(ctx: &TcContext, direction: u32) -> Option<u32> {
         if dev_ifindex == 0 || !device_exists(ctx, dev_ifindex) {
             return None;
         }
-        count(rule.id, ctx.len());
-        return Some(dev_ifindex);
+        return Some(Selection {
+            dev: rule.dev,
+            ifindex: dev_ifindex,
+            rule_id: rule.id,
+        });
     }
     None
 }

@@ -14,8 +14,6 @@ pub enum Error {
     InvalidDirection(String),
     #[error("invalid txqueuelen {0}: use 1000 or more, ifb's default of 32 drops bursts")]
     InvalidTxQueueLen(u32),
-    #[error("--direction {0} is not supported yet: imq queues ingress traffic only")]
-    UnsupportedDirection(&'static str),
     #[error("no interface '{0}' in this network namespace")]
     NoSuchInterface(String),
     #[error("{0} is an imq device: attach the interfaces whose traffic it should shape")]
@@ -45,9 +43,7 @@ pub enum Error {
         direction: Direction,
         prio: u32,
     },
-    #[error(
-        "{iface} {direction} already has {max} rules, the most one interface and direction can hold"
-    )]
+    #[error("{iface} {direction} already has {max} rules, the most one interface and direction can hold")]
     TooManyRules {
         iface: String,
         direction: Direction,

@@ -10,7 +10,12 @@ pub mod rule;
 mod state;
 mod sys;
 
-use std::path::PathBuf;
+use std::{
+    os::fd::{AsFd as _, AsRawFd as _},
+    path::PathBuf,
+};
+
+use imq_common::RuleSet;
 
 use serde::Serialize;
 
@@ -146,25 +151,28 @@ impl Imq {
     }
 
     pub fn attach(&mut self, req: &AttachRequest) -> Result<Attached> {
-        if req.directions != Directions::Ingress {
-            return Err(Error::UnsupportedDirection(req.directions.as_str()));
-        }
-        let direction = Direction::Ingress;
         let link = self.source_interface(&req.interface)?;
         let dev_link = self.existing_dev(req.dev)?;
 
+        // Plan every direction before changing anything.
         let mut state = State::open_or_create(self.bpffs())?;
-        let old = state.rule_set(link.index, direction)?;
-        let id = state.free_rule_id()?;
-        let new = match rule::insert(&old, &link.name, direction, req.mark, req.dev, req.prio, id)?
-        {
-            Insert::Unchanged => {
-                // Repairs a hook whose program was detached behind our back.
-                state.attach(direction, &link.name, link.index)?;
-                return Ok(Attached::Unchanged);
+        let directions: Vec<Direction> = req.directions.iter().collect();
+        let ids = state.free_rule_ids(directions.len())?;
+        let mut plans = Vec::new();
+        for (&direction, id) in directions.iter().zip(ids) {
+            let old = state.rule_set(link.index, direction)?;
+            match rule::insert(&old, &link.name, direction, req.mark, req.dev, req.prio, id)? {
+                Insert::Unchanged => {}
+                Insert::Changed(new) => plans.push((direction, old, *new, id)),
             }
-            Insert::Changed(new) => *new,
-        };
+        }
+        if plans.is_empty() {
+            // Repairs hooks whose program or filter was removed behind our back.
+            for &direction in &directions {
+                self.hook_up(&mut state, direction, &link, req.dev)?;
+            }
+            return Ok(Attached::Unchanged);
+        }
 
         // Everything is decided; from here on, undo what was done if a step fails.
         let created_dev = dev_link.is_none();
@@ -177,14 +185,23 @@ impl Imq {
             }
             None => self.nl.add_ifb(&req.dev.to_string(), DEFAULT_TXQUEUELEN)?,
         };
+        let mut done = Vec::new();
         let result = (|| {
             state.set_device(req.dev.0, dev_link.index)?;
-            state.reset_counters(id)?;
-            state.set_rule_set(link.index, direction, &new)?;
-            state.attach(direction, &link.name, link.index)
+            for (direction, old, new, id) in &plans {
+                state.reset_counters(*id)?;
+                done.push((*direction, *old));
+                // The hook first: it selects nothing until the new rules are in.
+                self.hook_up(&mut state, *direction, &link, req.dev)?;
+                state.set_rule_set(link.index, *direction, new)?;
+            }
+            Ok(())
         })();
         if let Err(e) = result {
-            let _ = state.set_rule_set(link.index, direction, &old);
+            for (direction, old) in done {
+                let _ = state.set_rule_set(link.index, direction, &old);
+                let _ = self.hook_down(&mut state, direction, link.index, &old, req.dev);
+            }
             if created_dev {
                 let _ = self.nl.del_link(dev_link.index);
             }
@@ -193,15 +210,46 @@ impl Imq {
         Ok(Attached::Added { created_dev })
     }
 
+    /// Makes sure the hook can send packets to `dev`: on ingress, the TCX program is
+    /// attached to the interface; on egress, the interface has a clsact qdisc and the
+    /// filter whose mirred action redirects to `dev`.
+    fn hook_up(&self, state: &mut State, direction: Direction, link: &Link, dev: DevName) -> Result<()> {
+        match direction {
+            Direction::Ingress => state.attach(direction, &link.name, link.index),
+            Direction::Egress => {
+                let dev_ifindex = state.device(dev.0)?;
+                self.nl.ensure_clsact(link.index, &link.name)?;
+                let prog = state.program(Direction::Egress)?;
+                let fd = prog.fd().map_err(|e| Error::bpf("program fd", e))?;
+                let fd = fd.as_fd().as_raw_fd() as u32;
+                self.nl.replace_egress_filter(link.index, fd, dev.0, dev_ifindex)
+            }
+        }
+    }
+
+    /// Undoes [`Self::hook_up`] for what the hook's rule set `set` no longer needs:
+    /// the egress filter of `dev` when no rule sends there, the ingress program when
+    /// the set is empty.
+    fn hook_down(
+        &self,
+        state: &mut State,
+        direction: Direction,
+        ifindex: u32,
+        set: &RuleSet,
+        dev: DevName,
+    ) -> Result<()> {
+        match direction {
+            Direction::Ingress if set.len == 0 => state.detach(direction, ifindex),
+            Direction::Ingress => Ok(()),
+            Direction::Egress if set.as_slice().iter().any(|r| r.dev == dev.0) => Ok(()),
+            Direction::Egress => self.nl.del_egress_filter(ifindex, dev.0),
+        }
+    }
+
     /// Removes the rules of `interface` in `directions` (only those with `mark` if
     /// given); an interface left without rules in a direction is detached there.
     /// Returns how many rules were removed.
-    pub fn detach(
-        &mut self,
-        interface: &str,
-        directions: Directions,
-        mark: Option<Mark>,
-    ) -> Result<usize> {
+    pub fn detach(&mut self, interface: &str, directions: Directions, mark: Option<Mark>) -> Result<usize> {
         let link = self
             .nl
             .link_by_name(interface)?
@@ -216,7 +264,7 @@ impl Imq {
         for direction in directions.iter() {
             let (new, removed) = rule::remove(&state.rule_set(link.index, direction)?, mark);
             if !removed.is_empty() {
-                plan.push((direction, new, removed.len()));
+                plan.push((direction, new, removed));
             }
         }
         if plan.is_empty() {
@@ -224,11 +272,12 @@ impl Imq {
         }
         let mut count = 0;
         for (direction, new, removed) in plan {
-            if new.len == 0 {
-                state.detach(direction, link.index)?;
-            }
+            // Rules first: from then on the hook selects nothing for what was removed.
             state.set_rule_set(link.index, direction, &new)?;
-            count += removed;
+            for r in &removed {
+                self.hook_down(&mut state, direction, link.index, &new, DevName(r.dev))?;
+            }
+            count += removed.len();
         }
         Ok(count)
     }
@@ -237,10 +286,7 @@ impl Imq {
         let links = self.nl.links()?;
         let by_index = |i: u32| links.iter().find(|l| l.index == i);
         let mut status = Status::default();
-        for l in links
-            .iter()
-            .filter(|l| l.is_ifb() && l.name.parse::<DevName>().is_ok())
-        {
+        for l in links.iter().filter(|l| l.is_ifb() && l.name.parse::<DevName>().is_ok()) {
             status.devices.push(DeviceStatus {
                 name: l.name.clone(),
                 ifindex: l.index,
@@ -256,43 +302,54 @@ impl Imq {
             let Some(direction) = Direction::from_raw(key.direction) else {
                 continue;
             };
+            let iface = by_index(key.ifindex);
+            let filters = match direction {
+                Direction::Egress if iface.is_some() => self.nl.egress_filters(key.ifindex)?,
+                _ => Vec::new(),
+            };
             for r in set.as_slice() {
                 let c = state.counters(r.id)?;
                 targeted.push(r.dev);
+                let attached = iface.is_some()
+                    && match direction {
+                        Direction::Ingress => state.is_attached(direction, key.ifindex),
+                        Direction::Egress => filters.contains(&r.dev),
+                    };
                 status.rules.push(RuleStatus {
-                    interface: by_index(key.ifindex).map_or_else(
-                        || format!("(gone, ifindex {})", key.ifindex),
-                        |l| l.name.clone(),
-                    ),
+                    interface: iface.map_or_else(|| format!("(gone, ifindex {})", key.ifindex), |l| l.name.clone()),
                     ifindex: key.ifindex,
                     direction,
                     prio: r.prio,
                     dev: DevName(r.dev).to_string(),
                     mark: rule::mark_of(r),
-                    attached: by_index(key.ifindex).is_some()
-                        && state.is_attached(direction, key.ifindex),
+                    attached,
                     packets: c.packets,
                     bytes: c.bytes,
                 });
             }
         }
+        targeted.sort_unstable();
+        targeted.dedup();
         for dev in targeted {
             let name = DevName(dev).to_string();
-            if !status.devices.iter().any(|d| d.name == name) {
-                status.devices.push(DeviceStatus {
+            let table = state.device(dev)?;
+            match status.devices.iter_mut().find(|d| d.name == name) {
+                // Re-created behind imq's back: the rules still point at the old
+                // ifindex, so its traffic passes unshaped until `imqctl dev add`.
+                Some(d) if d.ifindex != table => d.state = "stale",
+                Some(_) => {}
+                None => status.devices.push(DeviceStatus {
                     name,
                     ifindex: 0,
                     state: "missing",
                     txqueuelen: 0,
-                });
+                }),
             }
         }
+        status.devices.sort_by_key(|d| d.name.parse::<DevName>().ok());
         status
-            .devices
-            .sort_by_key(|d| d.name.parse::<DevName>().ok());
-        status.rules.sort_by(|a, b| {
-            (&a.interface, a.direction, a.prio).cmp(&(&b.interface, b.direction, b.prio))
-        });
+            .rules
+            .sort_by(|a, b| (&a.interface, a.direction, a.prio).cmp(&(&b.interface, b.direction, b.prio)));
         Ok(status)
     }
 
@@ -306,9 +363,18 @@ impl Imq {
             Some(l) => (l, false),
             None => (self.nl.add_ifb(&dev.to_string(), txqueuelen)?, true),
         };
-        // Rules that already name this device start using it now.
+        // Rules that already name this device start using it now; egress filters are
+        // re-pointed at it (mirred forgets a device that was deleted).
         if let Some(mut state) = State::open(self.bpffs())? {
             state.set_device(dev.0, link.index)?;
+            for (key, set) in state.all_rule_sets()? {
+                if key.direction != Direction::Egress.to_raw() || !set.as_slice().iter().any(|r| r.dev == dev.0) {
+                    continue;
+                }
+                if let Some(iface) = self.nl.link_by_index(key.ifindex)? {
+                    self.hook_up(&mut state, Direction::Egress, &iface, dev)?;
+                }
+            }
         }
         Ok(created)
     }
@@ -345,11 +411,15 @@ impl Imq {
         let Some(mut state) = State::open(self.bpffs())? else {
             return Ok(0);
         };
-        let rules = state
-            .all_rule_sets()?
-            .iter()
-            .map(|(_, s)| s.as_slice().len())
-            .sum();
+        let sets = state.all_rule_sets()?;
+        for (key, set) in &sets {
+            if key.direction == Direction::Egress.to_raw() {
+                for r in set.as_slice() {
+                    self.nl.del_egress_filter(key.ifindex, r.dev)?;
+                }
+            }
+        }
+        let rules = sets.iter().map(|(_, s)| s.as_slice().len()).sum();
         state.destroy()?;
         Ok(rules)
     }

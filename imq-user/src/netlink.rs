@@ -1,10 +1,24 @@
 //! Link queries and ifb management over rtnetlink, behind a blocking facade: imqctl
 //! does a handful of requests per command, so one current-thread runtime is enough.
 
-use futures::TryStreamExt as _;
+use std::io;
+
+use futures::{StreamExt as _, TryStreamExt as _};
 use rtnetlink::{
     Handle, LinkIfb, LinkUnspec,
-    packet_route::link::{LinkAttribute, LinkFlags, LinkInfo, LinkMessage},
+    packet_core::{
+        DefaultNla, Emitable as _, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REPLACE, NLM_F_REQUEST,
+        NetlinkMessage, NetlinkPayload,
+    },
+    packet_route::{
+        RouteNetlinkMessage,
+        link::{LinkAttribute, LinkFlags, LinkInfo, LinkMessage},
+        tc::{
+            TcAction, TcActionAttribute, TcActionMirror, TcActionMirrorOption, TcActionOption, TcActionType,
+            TcAttribute, TcFilterBpf, TcFilterBpfOption, TcHandle, TcHeader, TcMessage, TcMirror, TcMirrorActionType,
+            TcOption,
+        },
+    },
 };
 use tokio::runtime::Runtime;
 
@@ -73,8 +87,7 @@ impl Netlink {
             .build()
             .map_err(|e| Error::io("tokio runtime", e))?;
         let handle = rt.block_on(async {
-            let (conn, handle, _) =
-                rtnetlink::new_connection().map_err(|e| Error::io("netlink socket", e))?;
+            let (conn, handle, _) = rtnetlink::new_connection().map_err(|e| Error::io("netlink socket", e))?;
             tokio::spawn(conn);
             Ok::<_, Error>(handle)
         })?;
@@ -149,5 +162,176 @@ impl Netlink {
                 .await
                 .map_err(|e| nl_err("delete link", e))
         })
+    }
+}
+
+/// Preference of imq's egress filters on the clsact egress hook. High, so that the
+/// admin's own filters (tc numbers them from 49152 down) run first; IMQ likewise took
+/// packets at POSTROUTING after every table.
+pub const EGRESS_FILTER_PREF: u16 = 0xfff0;
+/// The classid major of imq's egress filters; the minor is the imq device number the
+/// filter's mirred action sends to (the program reads it from skb->tc_classid).
+const EGRESS_CLASSID_MAJOR: u16 = 0x1a0;
+const ETH_P_ALL: u16 = 0x0003;
+const TCA_BPF_ACT: u16 = 1;
+
+fn egress_filter_header(ifindex: u32, dev: u32) -> TcHeader {
+    TcHeader {
+        index: ifindex as i32,
+        parent: TcHandle {
+            major: TcHandle::CLSACT.major,
+            minor: TcHandle::MIN_EGRESS,
+        },
+        handle: TcHandle::from(dev + 1),
+        info: (u32::from(EGRESS_FILTER_PREF) << 16) | u32::from(ETH_P_ALL.to_be()),
+        ..TcHeader::default()
+    }
+}
+
+impl Netlink {
+    /// Sends one request; collects the messages of a dump. A kernel error comes back
+    /// as its errno.
+    fn tc_request(&self, msg: RouteNetlinkMessage, flags: u16) -> std::result::Result<Vec<TcMessage>, io::Error> {
+        self.rt.block_on(async {
+            let mut req = NetlinkMessage::from(msg);
+            req.header.flags = flags;
+            let mut responses = self
+                .handle
+                .clone()
+                .request(req)
+                .map_err(|e| io::Error::other(e.to_string()))?;
+            let mut out = Vec::new();
+            while let Some(resp) = responses.next().await {
+                match resp.payload {
+                    NetlinkPayload::Error(e) => {
+                        if let Some(code) = e.code {
+                            return Err(io::Error::from_raw_os_error(-code.get()));
+                        }
+                    }
+                    NetlinkPayload::InnerMessage(
+                        RouteNetlinkMessage::NewTrafficFilter(m) | RouteNetlinkMessage::NewQueueDiscipline(m),
+                    ) => out.push(m),
+                    _ => {}
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    /// Adds a clsact qdisc to the interface unless one is there.
+    pub fn ensure_clsact(&self, ifindex: u32, ifname: &str) -> Result<()> {
+        let mut msg = TcMessage::with_index(ifindex as i32);
+        msg.header.handle = TcHandle {
+            major: 0xffff,
+            minor: 0,
+        };
+        msg.header.parent = TcHandle::CLSACT;
+        msg.attributes.push(TcAttribute::Kind("clsact".into()));
+        match self.tc_request(
+            RouteNetlinkMessage::NewQueueDiscipline(msg),
+            NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL,
+        ) {
+            Ok(_) => Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
+                if self.has_clsact(ifindex)? {
+                    Ok(())
+                } else {
+                    Err(Error::Netlink(format!(
+                        "{ifname} has an ingress qdisc, not clsact: imq needs clsact for egress \
+                         (tc qdisc del dev {ifname} ingress; tc qdisc add dev {ifname} clsact)"
+                    )))
+                }
+            }
+            Err(e) => Err(nl_err(&format!("add clsact qdisc to {ifname}"), e)),
+        }
+    }
+
+    fn has_clsact(&self, ifindex: u32) -> Result<bool> {
+        let msg = TcMessage::with_index(ifindex as i32);
+        let qdiscs = self
+            .tc_request(RouteNetlinkMessage::GetQueueDiscipline(msg), NLM_F_REQUEST | NLM_F_DUMP)
+            .map_err(|e| nl_err("list qdiscs", e))?;
+        Ok(qdiscs.iter().any(|q| {
+            q.header.index == ifindex as i32
+                && q.attributes
+                    .iter()
+                    .any(|a| matches!(a, TcAttribute::Kind(k) if k == "clsact"))
+        }))
+    }
+
+    /// Installs (or replaces) the egress filter of imq device `dev` on an interface:
+    /// cls_bpf running `prog_fd` in classic mode, with `mirred egress redirect` to
+    /// `dev_ifindex`. Replacing also re-points mirred at a re-created device.
+    pub fn replace_egress_filter(&self, ifindex: u32, prog_fd: u32, dev: u32, dev_ifindex: u32) -> Result<()> {
+        let mut mirred = TcMirror::default();
+        mirred.generic.action = TcActionType::Stolen;
+        mirred.eaction = TcMirrorActionType::EgressRedir;
+        mirred.ifindex = dev_ifindex;
+        let mut action = TcAction::default();
+        action.attributes = vec![
+            TcActionAttribute::Kind(TcActionMirror::KIND.to_string()),
+            TcActionAttribute::Options(vec![TcActionOption::Mirror(TcActionMirrorOption::Parms(mirred))]),
+        ];
+        // netlink-packet-route has no TCA_BPF_ACT option: emit the action list as a raw
+        // attribute, laid out as iproute2 does.
+        let actions = [action];
+        let mut act_buf = vec![0u8; actions.as_slice().buffer_len()];
+        actions.as_slice().emit(&mut act_buf);
+
+        let mut msg = TcMessage::with_index(ifindex as i32);
+        msg.header = egress_filter_header(ifindex, dev);
+        msg.attributes.push(TcAttribute::Kind(TcFilterBpf::KIND.into()));
+        msg.attributes.push(TcAttribute::Options(vec![
+            TcOption::Bpf(TcFilterBpfOption::ProgFd(prog_fd)),
+            TcOption::Bpf(TcFilterBpfOption::ProgName(format!("imq_egress:imq{dev}"))),
+            TcOption::Bpf(TcFilterBpfOption::ClassId(TcHandle {
+                major: EGRESS_CLASSID_MAJOR,
+                minor: dev as u16,
+            })),
+            TcOption::Bpf(TcFilterBpfOption::Other(DefaultNla::new(TCA_BPF_ACT, act_buf))),
+        ]));
+        self.tc_request(
+            RouteNetlinkMessage::NewTrafficFilter(msg),
+            NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE,
+        )
+        .map(drop)
+        .map_err(|e| nl_err("add egress filter", e))
+    }
+
+    /// Removes imq device `dev`'s egress filter from an interface, if there.
+    pub fn del_egress_filter(&self, ifindex: u32, dev: u32) -> Result<()> {
+        let mut msg = TcMessage::with_index(ifindex as i32);
+        msg.header = egress_filter_header(ifindex, dev);
+        msg.attributes.push(TcAttribute::Kind(TcFilterBpf::KIND.into()));
+        match self.tc_request(RouteNetlinkMessage::DelTrafficFilter(msg), NLM_F_REQUEST | NLM_F_ACK) {
+            Ok(_) => Ok(()),
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::EINVAL | libc::ENODEV)) => Ok(()),
+            Err(e) => Err(nl_err("delete egress filter", e)),
+        }
+    }
+
+    /// The imq device numbers that have an egress filter on the interface.
+    pub fn egress_filters(&self, ifindex: u32) -> Result<Vec<u32>> {
+        let mut msg = TcMessage::with_index(ifindex as i32);
+        msg.header.parent = TcHandle {
+            major: TcHandle::CLSACT.major,
+            minor: TcHandle::MIN_EGRESS,
+        };
+        let filters = match self.tc_request(RouteNetlinkMessage::GetTrafficFilter(msg), NLM_F_REQUEST | NLM_F_DUMP) {
+            Ok(f) => f,
+            // No clsact qdisc: no filters.
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOENT)) => return Ok(Vec::new()),
+            Err(e) => return Err(nl_err("list egress filters", e)),
+        };
+        Ok(filters
+            .iter()
+            .filter(|f| (f.header.info >> 16) as u16 == EGRESS_FILTER_PREF && u32::from(f.header.handle) != 0)
+            .filter(|f| {
+                f.attributes
+                    .iter()
+                    .any(|a| matches!(a, TcAttribute::Kind(k) if k == TcFilterBpf::KIND))
+            })
+            .map(|f| u32::from(f.header.handle) - 1)
+            .collect())
     }
 }

@@ -4,9 +4,7 @@
 
 use std::{fmt, str::FromStr};
 
-use imq_common::{
-    DIRECTION_EGRESS, DIRECTION_INGRESS, MAX_DEVICES, MAX_RULES_PER_HOOK, Rule, RuleSet,
-};
+use imq_common::{DIRECTION_EGRESS, DIRECTION_INGRESS, MAX_DEVICES, MAX_RULES_PER_HOOK, Rule, RuleSet};
 use serde::Serialize;
 
 use crate::error::{Error, Result};
@@ -117,14 +115,10 @@ impl FromStr for Mark {
             None => u32::MAX,
         };
         if mask == 0 {
-            return Err(bad(
-                "a zero mask matches every packet; leave --mark out instead",
-            ));
+            return Err(bad("a zero mask matches every packet; leave --mark out instead"));
         }
         if value & !mask != 0 {
-            return Err(bad(
-                "the value has bits outside the mask, so nothing could match",
-            ));
+            return Err(bad("the value has bits outside the mask, so nothing could match"));
         }
         Ok(Self { value, mask })
     }
@@ -168,10 +162,7 @@ impl FromStr for DevName {
         let bad = || Error::InvalidDevName(s.to_owned());
         let n = s.strip_prefix("imq").ok_or_else(bad)?;
         // No sign, no leading zeros: exactly one spelling per device.
-        if n.is_empty()
-            || !n.bytes().all(|b| b.is_ascii_digit())
-            || (n.len() > 1 && n.starts_with('0'))
-        {
+        if n.is_empty() || !n.bytes().all(|b| b.is_ascii_digit()) || (n.len() > 1 && n.starts_with('0')) {
             return Err(bad());
         }
         match n.parse() {
@@ -356,44 +347,24 @@ mod tests {
     fn device_names() {
         assert_eq!("imq0".parse::<DevName>().unwrap(), DevName(0));
         assert_eq!("imq255".parse::<DevName>().unwrap(), DevName(255));
-        for bad in [
-            "imq", "imq256", "imq01", "imq-1", "ifb0", "eth0", "imq1a", "IMQ1",
-        ] {
+        for bad in ["imq", "imq256", "imq01", "imq-1", "ifb0", "eth0", "imq1a", "IMQ1"] {
             assert!(bad.parse::<DevName>().is_err(), "{bad}");
         }
     }
 
     #[test]
     fn directions() {
+        assert_eq!("ingress".parse::<Directions>().unwrap(), Directions::Ingress);
         assert_eq!(
-            "ingress".parse::<Directions>().unwrap(),
-            Directions::Ingress
-        );
-        assert_eq!(
-            "both"
-                .parse::<Directions>()
-                .unwrap()
-                .iter()
-                .collect::<Vec<_>>(),
+            "both".parse::<Directions>().unwrap().iter().collect::<Vec<_>>(),
             [Direction::Ingress, Direction::Egress]
         );
         assert!("sideways".parse::<Directions>().is_err());
-        assert_eq!(
-            Direction::from_raw(Direction::Egress.to_raw()),
-            Some(Direction::Egress)
-        );
+        assert_eq!(Direction::from_raw(Direction::Egress.to_raw()), Some(Direction::Egress));
     }
 
     fn add(set: &RuleSet, m: Option<&str>, dev: u32, prio: Option<u32>, id: u32) -> Result<Insert> {
-        insert(
-            set,
-            "eth0",
-            Direction::Ingress,
-            m.map(mark),
-            DevName(dev),
-            prio,
-            id,
-        )
+        insert(set, "eth0", Direction::Ingress, m.map(mark), DevName(dev), prio, id)
     }
 
     fn changed(r: Result<Insert>) -> RuleSet {
@@ -423,14 +394,8 @@ mod tests {
     #[test]
     fn same_rule_twice_is_a_no_op_and_conflicts_are_refused() {
         let s = changed(add(&RuleSet::empty(), Some("0x10/0xff"), 0, None, 1));
-        assert_eq!(
-            add(&s, Some("0x10/0xff"), 0, None, 2).unwrap(),
-            Insert::Unchanged
-        );
-        assert_eq!(
-            add(&s, Some("0x10/0xff"), 0, Some(10), 2).unwrap(),
-            Insert::Unchanged
-        );
+        assert_eq!(add(&s, Some("0x10/0xff"), 0, None, 2).unwrap(), Insert::Unchanged);
+        assert_eq!(add(&s, Some("0x10/0xff"), 0, Some(10), 2).unwrap(), Insert::Unchanged);
         assert!(matches!(
             add(&s, Some("0x10/0xff"), 1, None, 2),
             Err(Error::Conflict { prio: 10, .. })

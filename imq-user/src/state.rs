@@ -23,8 +23,7 @@ use aya::{
     },
 };
 use imq_common::{
-    COUNTERS_MAP, Counters, DEVICES_MAP, Device, HookKey, INGRESS_PROG, MAX_RULE_IDS, RULES_MAP,
-    RuleSet,
+    COUNTERS_MAP, Counters, DEVICES_MAP, Device, EGRESS_PROG, HookKey, INGRESS_PROG, MAX_RULE_IDS, RULES_MAP, RuleSet,
 };
 
 use crate::{
@@ -40,6 +39,7 @@ pub(crate) struct State {
 }
 
 const PROG_INGRESS: &str = "prog_ingress";
+const PROG_EGRESS: &str = "prog_egress";
 const LINK_PREFIX: &str = "link_";
 
 fn link_pin_name(direction: Direction, ifindex: u32) -> String {
@@ -80,11 +80,7 @@ impl State {
     }
 
     fn load(dir: PathBuf, lock: sys::Lock) -> Result<Self> {
-        let (rules, devices, counters) = (
-            dir.join(RULES_MAP),
-            dir.join(DEVICES_MAP),
-            dir.join(COUNTERS_MAP),
-        );
+        let (rules, devices, counters) = (dir.join(RULES_MAP), dir.join(DEVICES_MAP), dir.join(COUNTERS_MAP));
         // Pinned maps are reused as they are; missing ones are created and pinned.
         let ebpf = EbpfLoader::new()
             .map_pin_path(RULES_MAP, rules.as_path())
@@ -92,11 +88,7 @@ impl State {
             .map_pin_path(COUNTERS_MAP, counters.as_path())
             .load(crate::EBPF_OBJECT)
             .map_err(|e| Error::bpf("load imq object", e))?;
-        Ok(Self {
-            dir,
-            ebpf,
-            _lock: lock,
-        })
+        Ok(Self { dir, ebpf, _lock: lock })
     }
 
     fn map_mut(&mut self, name: &str) -> Result<&mut aya::maps::Map> {
@@ -131,12 +123,7 @@ impl State {
 
     /// Replaces a hook's rule set in one map update (the data path sees the old or the
     /// new set); an empty set removes the hook's entry.
-    pub fn set_rule_set(
-        &mut self,
-        ifindex: u32,
-        direction: Direction,
-        set: &RuleSet,
-    ) -> Result<()> {
+    pub fn set_rule_set(&mut self, ifindex: u32, direction: Direction, set: &RuleSet) -> Result<()> {
         let key = HookKey {
             ifindex,
             direction: direction.to_raw(),
@@ -148,13 +135,12 @@ impl State {
                 Err(e) => Err(Error::bpf("remove rules", e)),
             }
         } else {
-            map.insert(key, set, 0)
-                .map_err(|e| Error::bpf("write rules", e))
+            map.insert(key, set, 0).map_err(|e| Error::bpf("write rules", e))
         }
     }
 
-    /// The lowest counter slot no rule uses.
-    pub fn free_rule_id(&mut self) -> Result<u32> {
+    /// The `n` lowest counter slots no rule uses.
+    pub fn free_rule_ids(&mut self, n: usize) -> Result<Vec<u32>> {
         let mut used = vec![false; MAX_RULE_IDS as usize];
         for (_, set) in self.all_rule_sets()? {
             for r in set.as_slice() {
@@ -163,10 +149,19 @@ impl State {
                 }
             }
         }
-        used.iter()
-            .position(|u| !u)
-            .map(|i| i as u32)
-            .ok_or(Error::NoFreeRuleId(MAX_RULE_IDS))
+        let free: Vec<u32> = (0..MAX_RULE_IDS).filter(|&i| !used[i as usize]).take(n).collect();
+        if free.len() < n {
+            return Err(Error::NoFreeRuleId(MAX_RULE_IDS));
+        }
+        Ok(free)
+    }
+
+    /// The device table's entry for imq device `dev` (0: none).
+    pub fn device(&mut self, dev: u32) -> Result<u32> {
+        self.devices_map()?
+            .get(&dev, 0)
+            .map(|d| d.ifindex)
+            .map_err(|e| Error::bpf("read device table", e))
     }
 
     fn counters_map(&mut self) -> Result<PerCpuArray<&mut MapData, Counters>> {
@@ -175,8 +170,8 @@ impl State {
 
     pub fn reset_counters(&mut self, id: u32) -> Result<()> {
         let cpus = aya::util::nr_cpus().map_err(|(what, e)| Error::io(what, e))?;
-        let zero = PerCpuValues::try_from(vec![Counters::default(); cpus])
-            .map_err(|e| Error::io("per-CPU values", e))?;
+        let zero =
+            PerCpuValues::try_from(vec![Counters::default(); cpus]).map_err(|e| Error::io("per-CPU values", e))?;
         self.counters_map()?
             .set(id, zero, 0)
             .map_err(|e| Error::bpf("reset counters", e))
@@ -201,33 +196,26 @@ impl State {
     /// Points imq device number `dev` at `ifindex` (0: no device, pass unshaped).
     pub fn set_device(&mut self, dev: u32, ifindex: u32) -> Result<()> {
         self.devices_map()?
-            .set(
-                dev,
-                Device {
-                    ifindex,
-                    _reserved: 0,
-                },
-                0,
-            )
+            .set(dev, Device { ifindex, _reserved: 0 }, 0)
             .map_err(|e| Error::bpf("write device table", e))
     }
 
-    fn ingress_program(&mut self) -> Result<SchedClassifier> {
-        let pin = self.dir.join(PROG_INGRESS);
-        if pin.exists() {
-            return SchedClassifier::from_pin(&pin)
-                .map_err(|e| Error::bpf("open pinned program", e));
+    /// The pinned program of a direction, loaded and pinned on first use.
+    pub fn program(&mut self, direction: Direction) -> Result<SchedClassifier> {
+        let (name, pin) = match direction {
+            Direction::Ingress => (INGRESS_PROG, self.dir.join(PROG_INGRESS)),
+            Direction::Egress => (EGRESS_PROG, self.dir.join(PROG_EGRESS)),
+        };
+        if !pin.exists() {
+            let prog: &mut SchedClassifier = self
+                .ebpf
+                .program_mut(name)
+                .ok_or_else(|| Error::Bpf(format!("program {name} missing from the object")))?
+                .try_into()
+                .map_err(|e| Error::bpf("program type", e))?;
+            prog.load().map_err(|e| Error::bpf(&format!("load {name}"), e))?;
+            prog.pin(&pin).map_err(|e| Error::bpf(&format!("pin {name}"), e))?;
         }
-        let prog: &mut SchedClassifier = self
-            .ebpf
-            .program_mut(INGRESS_PROG)
-            .ok_or_else(|| Error::Bpf(format!("program {INGRESS_PROG} missing from the object")))?
-            .try_into()
-            .map_err(|e| Error::bpf("program type", e))?;
-        prog.load()
-            .map_err(|e| Error::bpf("load ingress program", e))?;
-        prog.pin(&pin)
-            .map_err(|e| Error::bpf("pin ingress program", e))?;
         SchedClassifier::from_pin(&pin).map_err(|e| Error::bpf("open pinned program", e))
     }
 
@@ -241,16 +229,13 @@ impl State {
         if self.is_attached(direction, ifindex) {
             return Ok(());
         }
-        let (mut prog, attach_type) = match direction {
-            Direction::Ingress => (self.ingress_program()?, TcAttachType::Ingress),
-            Direction::Egress => return Err(Error::UnsupportedDirection("egress")),
-        };
+        // Egress goes through cls_bpf + mirred (see imq_egress), not a TCX link.
+        if direction == Direction::Egress {
+            return Err(Error::Bpf("egress is attached with a tc filter, not a TCX link".into()));
+        }
+        let (mut prog, attach_type) = (self.program(direction)?, TcAttachType::Ingress);
         let id = prog
-            .attach_with_options(
-                ifname,
-                attach_type,
-                TcAttachOptions::TcxOrder(LinkOrder::default()),
-            )
+            .attach_with_options(ifname, attach_type, TcAttachOptions::TcxOrder(LinkOrder::default()))
             .map_err(|e| Error::bpf(&format!("attach to {ifname} {direction}"), e))?;
         let link: FdLink = prog
             .take_link(id)
@@ -274,7 +259,8 @@ impl State {
         Ok(())
     }
 
-    /// Detaches everything and removes this namespace's pins and directory.
+    /// Detaches every TCX link, removes this namespace's pins and directory. Egress
+    /// filters are the caller's to remove first (they are netlink objects).
     pub fn destroy(mut self) -> Result<()> {
         for (key, _) in self.all_rule_sets()? {
             let direction = Direction::from_raw(key.direction).unwrap_or(Direction::Ingress);
@@ -282,28 +268,21 @@ impl State {
         }
         let entries = fs::read_dir(&self.dir).map_err(|e| Error::io("read state directory", e))?;
         for entry in entries {
-            let path = entry
-                .map_err(|e| Error::io("read state directory", e))?
-                .path();
+            let path = entry.map_err(|e| Error::io("read state directory", e))?.path();
             let name = path
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default();
             if name.starts_with(LINK_PREFIX) {
-                let link =
-                    PinnedLink::from_pin(&path).map_err(|e| Error::bpf("open pinned link", e))?;
+                let link = PinnedLink::from_pin(&path).map_err(|e| Error::bpf("open pinned link", e))?;
                 drop(link.unpin().map_err(|e| Error::io("unpin link", e))?);
             }
         }
         let entries = fs::read_dir(&self.dir).map_err(|e| Error::io("read state directory", e))?;
         for entry in entries {
-            let path = entry
-                .map_err(|e| Error::io("read state directory", e))?
-                .path();
-            fs::remove_file(&path)
-                .map_err(|e| Error::io(format!("remove {}", path.display()), e))?;
+            let path = entry.map_err(|e| Error::io("read state directory", e))?.path();
+            fs::remove_file(&path).map_err(|e| Error::io(format!("remove {}", path.display()), e))?;
         }
-        fs::remove_dir(&self.dir)
-            .map_err(|e| Error::io(format!("remove {}", self.dir.display()), e))
+        fs::remove_dir(&self.dir).map_err(|e| Error::io(format!("remove {}", self.dir.display()), e))
     }
 }

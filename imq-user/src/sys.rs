@@ -24,8 +24,7 @@ const SO_NETNS_COOKIE: libc::c_int = 71;
 /// imq needs to create devices and attach programs (CAP_NET_ADMIN) and to load BPF
 /// (CAP_BPF, or CAP_SYS_ADMIN which implies it).
 pub fn check_privileges() -> Result<()> {
-    let status =
-        fs::read_to_string("/proc/self/status").map_err(|e| Error::io("/proc/self/status", e))?;
+    let status = fs::read_to_string("/proc/self/status").map_err(|e| Error::io("/proc/self/status", e))?;
     let eff = status
         .lines()
         .find_map(|l| l.strip_prefix("CapEff:"))
@@ -94,10 +93,7 @@ pub fn netns_cookie() -> Result<u64> {
         )
     };
     if ret != 0 {
-        return Err(Error::io(
-            "getsockopt(SO_NETNS_COOKIE)",
-            io::Error::last_os_error(),
-        ));
+        return Err(Error::io("getsockopt(SO_NETNS_COOKIE)", io::Error::last_os_error()));
     }
     Ok(cookie)
 }
@@ -115,15 +111,7 @@ pub fn is_bpffs(path: &Path) -> bool {
 fn mount_bpffs_here(path: &Path) -> io::Result<()> {
     let target = CString::new(path.as_os_str().as_bytes())?;
     // SAFETY: valid C strings; no data argument.
-    let ret = unsafe {
-        libc::mount(
-            c"bpf".as_ptr(),
-            target.as_ptr(),
-            c"bpf".as_ptr(),
-            0,
-            std::ptr::null(),
-        )
-    };
+    let ret = unsafe { libc::mount(c"bpf".as_ptr(), target.as_ptr(), c"bpf".as_ptr(), 0, std::ptr::null()) };
     if ret == 0 {
         Ok(())
     } else {
@@ -175,13 +163,7 @@ fn mount_bpffs_in(pid: &str) -> io::Result<()> {
         0 => unsafe {
             let ok = libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNS) == 0
                 && libc::chdir(root.as_ptr()) == 0
-                && libc::mount(
-                    c"bpf".as_ptr(),
-                    target.as_ptr(),
-                    c"bpf".as_ptr(),
-                    0,
-                    std::ptr::null(),
-                ) == 0;
+                && libc::mount(c"bpf".as_ptr(), target.as_ptr(), c"bpf".as_ptr(), 0, std::ptr::null()) == 0;
             libc::_exit(if ok { 0 } else { 1 })
         },
         child => {
@@ -193,9 +175,7 @@ fn mount_bpffs_in(pid: &str) -> io::Result<()> {
             if libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0 {
                 Ok(())
             } else {
-                Err(io::Error::other(
-                    "mounting bpffs in the outer mount namespace failed",
-                ))
+                Err(io::Error::other("mounting bpffs in the outer mount namespace failed"))
             }
         }
     }
@@ -236,10 +216,7 @@ impl Lock {
         let f = File::open(dir).map_err(|e| Error::io(format!("open {}", dir.display()), e))?;
         // SAFETY: valid fd.
         if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
-            return Err(Error::io(
-                format!("lock {}", dir.display()),
-                io::Error::last_os_error(),
-            ));
+            return Err(Error::io(format!("lock {}", dir.display()), io::Error::last_os_error()));
         }
         Ok(Self(f))
     }

@@ -51,18 +51,27 @@ fn run(cmd: &mut Command) -> Result<Output> {
     Ok(out)
 }
 
-/// A network namespace, deleted on drop (with every device in it).
+/// A network namespace, deleted on drop (with every device in it) unless adopted.
 pub struct NetNs {
     name: String,
+    owned: bool,
 }
 
 impl NetNs {
     pub fn new(name: impl Into<String>) -> Result<Self> {
         let name = name.into();
         run(Command::new("ip").args(["netns", "add", &name]))?;
-        let ns = Self { name };
+        let ns = Self { name, owned: true };
         ns.ip(&["link", "set", "lo", "up"])?;
         Ok(ns)
+    }
+
+    /// A handle on a namespace someone else owns (and deletes), e.g. for a thread.
+    pub fn adopt(name: &str) -> Self {
+        Self {
+            name: name.to_owned(),
+            owned: false,
+        }
     }
 
     pub fn name(&self) -> &str {
@@ -110,16 +119,14 @@ impl NetNs {
 
 impl Drop for NetNs {
     fn drop(&mut self) {
+        if !self.owned {
+            return;
+        }
         // imq's pinned state for this namespace would outlive it: remove it first.
         if let Some(imqctl) = imqctl_path() {
-            let _ = self
-                .command(imqctl.to_str().unwrap_or("imqctl"))
-                .arg("flush")
-                .output();
+            let _ = self.command(imqctl.to_str().unwrap_or("imqctl")).arg("flush").output();
         }
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .output();
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
     }
 }
 
@@ -167,6 +174,95 @@ impl Pair {
     pub fn server_v6(&self) -> String {
         format!("2001:db8:{:x}::2", self.id % 250)
     }
+}
+
+/// Clients, a router and a server, each in its own namespace:
+///
+/// ```text
+/// client k (c0, 198.18.k.1, 2001:db8:k::1) —— r<k> (.2, ::2)  router  rs (198.19.0.2, 2001:db8:ff::2) —— s0 (198.19.0.1, 2001:db8:ff::1) server
+/// ```
+///
+/// The router forwards IPv4 and IPv6 (sysctls of its own namespace only).
+pub struct Routed {
+    pub clients: Vec<NetNs>,
+    pub router: NetNs,
+    pub server: NetNs,
+}
+
+impl Routed {
+    pub fn new(tag: &str, clients: usize) -> Result<Self> {
+        let id = unique_id();
+        let router = NetNs::new(format!("imq-{tag}-{id}-r"))?;
+        let server = NetNs::new(format!("imq-{tag}-{id}-s"))?;
+        for sysctl in ["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"] {
+            router.exec("sysctl", &["-qw", sysctl])?;
+        }
+        let link = |ns: &NetNs, dev: &str, peer_ns: &NetNs, peer: &str| -> Result<()> {
+            ns.ip(&[
+                "link",
+                "add",
+                dev,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                peer,
+                "netns",
+                peer_ns.name(),
+            ])?;
+            Ok(())
+        };
+        let addr = |ns: &NetNs, dev: &str, v4: &str, v6: &str| -> Result<()> {
+            ns.ip(&["addr", "add", v4, "dev", dev])?;
+            ns.ip(&["addr", "add", v6, "dev", dev, "nodad"])?;
+            ns.ip(&["link", "set", dev, "up"])?;
+            Ok(())
+        };
+        link(&server, "s0", &router, "rs")?;
+        addr(&server, "s0", "198.19.0.1/24", "2001:db8:ff::1/64")?;
+        addr(&router, "rs", "198.19.0.2/24", "2001:db8:ff::2/64")?;
+        server.ip(&["route", "add", "default", "via", "198.19.0.2"])?;
+        server.ip(&["-6", "route", "add", "default", "via", "2001:db8:ff::2"])?;
+        let mut list = Vec::new();
+        for k in 0..clients {
+            let client = NetNs::new(format!("imq-{tag}-{id}-c{k}"))?;
+            let r = format!("r{k}");
+            link(&client, "c0", &router, &r)?;
+            addr(
+                &client,
+                "c0",
+                &format!("198.18.{k}.1/24"),
+                &format!("2001:db8:{k}::1/64"),
+            )?;
+            addr(&router, &r, &format!("198.18.{k}.2/24"), &format!("2001:db8:{k}::2/64"))?;
+            client.ip(&["route", "add", "default", "via", &format!("198.18.{k}.2")])?;
+            client.ip(&["-6", "route", "add", "default", "via", &format!("2001:db8:{k}::2")])?;
+            list.push(client);
+        }
+        Ok(Self {
+            clients: list,
+            router,
+            server,
+        })
+    }
+
+    pub const SERVER_V4: &str = "198.19.0.1";
+    pub const SERVER_V6: &str = "2001:db8:ff::1";
+}
+
+/// Pings `dst` from `ns` `count` times; the number of replies.
+pub fn ping(ns: &NetNs, dst: &str, count: u32) -> u32 {
+    let out = ns
+        .command("ping")
+        .args(["-c", &count.to_string(), "-i", "0.2", "-W", "1", "-q", dst])
+        .output()
+        .expect("spawn ping");
+    let text = String::from_utf8_lossy(&out.stdout);
+    // "3 packets transmitted, 3 received, 0% packet loss, ..."
+    text.split(',')
+        .find_map(|part| part.trim().strip_suffix(" received"))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0)
 }
 
 /// What the receiver measured.
@@ -219,16 +315,10 @@ impl Default for Load {
 /// the receiver saw in the measured window. The receiver ends the transfer by
 /// closing; the sender stops at the first failed write, at `max_bytes`, or after
 /// warmup + window + 10 s, whichever comes first.
-pub fn tcp_goodput(
-    client: &NetNs,
-    server: &NetNs,
-    server_addr: SocketAddr,
-    load: Load,
-) -> Result<Goodput> {
+pub fn tcp_goodput(client: &NetNs, server: &NetNs, server_addr: SocketAddr, load: Load) -> Result<Goodput> {
     let (ready_tx, ready_rx) = mpsc::channel();
     let receiver = server.spawn(move || {
-        let listener =
-            TcpListener::bind(server_addr).with_context(|| format!("bind {server_addr}"))?;
+        let listener = TcpListener::bind(server_addr).with_context(|| format!("bind {server_addr}"))?;
         ready_tx.send(listener.local_addr()?)?;
         let (mut conn, _) = listener.accept()?;
         conn.set_read_timeout(Some(Duration::from_secs(5)))?;
@@ -261,8 +351,8 @@ pub fn tcp_goodput(
         .context("receiver did not start")?;
     let hard_stop = load.warmup + load.window + Duration::from_secs(10);
     let sender = client.spawn(move || {
-        let mut conn = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
-            .with_context(|| format!("connect {addr}"))?;
+        let mut conn =
+            TcpStream::connect_timeout(&addr, Duration::from_secs(5)).with_context(|| format!("connect {addr}"))?;
         conn.set_write_timeout(Some(Duration::from_secs(2)))?;
         let buf = vec![0x5au8; 128 << 10];
         let start = Instant::now();
@@ -276,9 +366,7 @@ pub fn tcp_goodput(
         }
         Ok(sent)
     });
-    let result = receiver
-        .join()
-        .map_err(|_| anyhow::anyhow!("receiver panicked"))?;
+    let result = receiver.join().map_err(|_| anyhow::anyhow!("receiver panicked"))?;
     let _ = sender.join();
     result
 }

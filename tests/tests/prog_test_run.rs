@@ -10,8 +10,7 @@ use aya::{
     programs::{SchedClassifier, TestRun, TestRunOptions},
 };
 use imq_common::{
-    COUNTERS_MAP, Counters, DEVICES_MAP, DIRECTION_INGRESS, Device, HookKey, INGRESS_PROG,
-    RULES_MAP, Rule, RuleSet,
+    COUNTERS_MAP, Counters, DEVICES_MAP, DIRECTION_INGRESS, Device, HookKey, INGRESS_PROG, RULES_MAP, Rule, RuleSet,
 };
 use imq_tests::require_root;
 
@@ -27,11 +26,8 @@ struct Harness {
 impl Harness {
     fn new() -> Self {
         require_root();
-        let mut ebpf = EbpfLoader::new()
-            .load(imq::EBPF_OBJECT)
-            .expect("load object");
-        let prog: &mut SchedClassifier =
-            ebpf.program_mut(INGRESS_PROG).unwrap().try_into().unwrap();
+        let mut ebpf = EbpfLoader::new().load(imq::EBPF_OBJECT).expect("load object");
+        let prog: &mut SchedClassifier = ebpf.program_mut(INGRESS_PROG).unwrap().try_into().unwrap();
         prog.load().expect("verifier accepts the ingress program");
         // imq0 is "lo" here: a device that exists, so rules can select packets.
         Array::<_, Device>::try_from(ebpf.map_mut(DEVICES_MAP).unwrap())
@@ -68,14 +64,7 @@ impl Harness {
     fn device(&mut self, dev: u32, ifindex: u32) {
         Array::<_, Device>::try_from(self.ebpf.map_mut(DEVICES_MAP).unwrap())
             .unwrap()
-            .set(
-                dev,
-                Device {
-                    ifindex,
-                    _reserved: 0,
-                },
-                0,
-            )
+            .set(dev, Device { ifindex, _reserved: 0 }, 0)
             .unwrap();
     }
 
@@ -98,8 +87,7 @@ impl Harness {
     }
 
     fn counters(&self, id: u32) -> Counters {
-        let map =
-            PerCpuArray::<_, Counters>::try_from(self.ebpf.map(COUNTERS_MAP).unwrap()).unwrap();
+        let map = PerCpuArray::<_, Counters>::try_from(self.ebpf.map(COUNTERS_MAP).unwrap()).unwrap();
         map.get(&id, 0)
             .unwrap()
             .iter()
@@ -132,8 +120,7 @@ fn ipv4_udp() -> Vec<u8> {
     let mut f = eth(0x0800);
     // 20-byte IPv4 header (198.18.0.1 -> 198.18.0.2, UDP), 8-byte UDP header, payload.
     f.extend_from_slice(&[
-        0x45, 0, 0, 36, 0, 0, 0x40, 0, 64, 17, 0, 0, 198, 18, 0, 1, 198, 18, 0, 2, 0x30, 0x39,
-        0x14, 0x51, 0, 16, 0, 0,
+        0x45, 0, 0, 36, 0, 0, 0x40, 0, 64, 17, 0, 0, 198, 18, 0, 1, 198, 18, 0, 2, 0x30, 0x39, 0x14, 0x51, 0, 16, 0, 0,
     ]);
     f.extend_from_slice(b"imq-test");
     f
@@ -213,17 +200,10 @@ fn non_ip_and_malformed_frames_are_left_alone() {
         ("IPv6", 0x86dd, 39),
     ] {
         let mut frame = eth(ethertype);
-        frame.extend_from_slice(
-            &if ethertype == 0x0800 {
-                ipv4_udp()
-            } else {
-                ipv6_udp()
-            }[14..14 + len],
-        );
+        frame.extend_from_slice(&if ethertype == 0x0800 { ipv4_udp() } else { ipv6_udp() }[14..14 + len]);
         match h.try_run(&frame, 0) {
             Ok(verdict) => assert_eq!(verdict, TCX_NEXT, "{what} cut after {len} bytes"),
-            Err(aya::programs::ProgramError::SyscallError(e))
-                if e.io_error.raw_os_error() == Some(libc::EINVAL) => {}
+            Err(aya::programs::ProgramError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EINVAL) => {}
             Err(e) => panic!("{what} cut after {len} bytes: {e}"),
         }
     }
@@ -240,18 +220,10 @@ fn marks_select_and_first_match_wins() {
     let f = ipv4_udp();
     assert_eq!(h.run(&f, 0), TCX_NEXT, "unmarked");
     assert_eq!(h.run(&f, 0x11), TC_ACT_REDIRECT, "exact mark: first rule");
-    assert_eq!(
-        h.run(&f, 0x511),
-        TC_ACT_REDIRECT,
-        "bits outside the mask are ignored"
-    );
+    assert_eq!(h.run(&f, 0x511), TC_ACT_REDIRECT, "bits outside the mask are ignored");
     assert_eq!(h.run(&f, 0x1f), TC_ACT_REDIRECT, "second rule's mask");
     assert_eq!(h.run(&f, 0x20), TCX_NEXT, "no rule");
-    assert_eq!(
-        h.counters(0).packets,
-        2,
-        "0x11 and 0x511 matched the first rule"
-    );
+    assert_eq!(h.counters(0).packets, 2, "0x11 and 0x511 matched the first rule");
     assert_eq!(
         h.counters(1).packets,
         1,

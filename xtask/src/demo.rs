@@ -59,8 +59,7 @@ pub fn run() -> Result<()> {
     s.imqctl_ok(&["attach", "s0", "--direction", "ingress", "--dev", "imq0"]);
     println!("  $ tc qdisc add dev imq0 root tbf rate 10mbit burst 16kb latency 100ms");
     s.tc(&[
-        "qdisc", "add", "dev", "imq0", "root", "tbf", "rate", "10mbit", "burst", "16kb", "latency",
-        "100ms",
+        "qdisc", "add", "dev", "imq0", "root", "tbf", "rate", "10mbit", "burst", "16kb", "latency", "100ms",
     ])?;
     let shaped = measure(&pair, "imq0 with TBF 10mbit")?;
     print!(

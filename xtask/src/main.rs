@@ -40,10 +40,7 @@ enum Task {
 }
 
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_owned()
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_owned()
 }
 
 pub fn imqctl_path() -> PathBuf {
@@ -86,14 +83,7 @@ fn test(filter: Option<String>) -> Result<()> {
 fn lint() -> Result<()> {
     setup::setup()?;
     run(cargo().args(["fmt", "--all", "--check"]))?;
-    run(cargo().args([
-        "clippy",
-        "--release",
-        "--all-targets",
-        "--",
-        "-D",
-        "warnings",
-    ]))?;
+    run(cargo().args(["clippy", "--release", "--all-targets", "--", "-D", "warnings"]))?;
     // CARGO is the stable toolchain's cargo itself; rustup picks the nightly one.
     run(Command::new("rustup")
         .current_dir(workspace_root().join("imq-ebpf"))
@@ -121,9 +111,7 @@ fn main() -> ExitCode {
         Task::Build => build(),
         Task::Run { args } if args.is_empty() => build().and_then(|()| demo::run()),
         Task::Run { args } => {
-            return match build()
-                .and_then(|()| Ok(Command::new(imqctl_path()).args(args).status()?))
-            {
+            return match build().and_then(|()| Ok(Command::new(imqctl_path()).args(args).status()?)) {
                 Ok(status) => ExitCode::from(status.code().unwrap_or(1) as u8),
                 Err(e) => {
                     eprintln!("xtask: {e:#}");

@@ -20,6 +20,9 @@ const TOOLS: &[(&str, &str)] = &[
     ("ip", "iproute2"),
     ("tc", "iproute2"),
     ("setpriv", "util-linux"),
+    ("ping", "iputils-ping"),
+    ("iptables", "iptables"),
+    ("nft", "nftables"),
 ];
 
 fn cargo_home() -> PathBuf {
@@ -50,10 +53,7 @@ fn succeeds(cmd: &mut Command) -> bool {
 fn output(cmd: &mut Command) -> Result<String> {
     let out = cmd.output().with_context(|| format!("spawn {cmd:?}"))?;
     if !out.status.success() {
-        bail!(
-            "{cmd:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+        bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
     }
     Ok(String::from_utf8(out.stdout)?.trim().to_owned())
 }
@@ -66,29 +66,12 @@ pub fn setup() -> Result<()> {
     let mut did = Vec::new();
 
     if !succeeds(Command::new("rustup").args(["run", "nightly", "rustc", "--version"])) {
-        run(Command::new("rustup").args([
-            "toolchain",
-            "install",
-            "nightly",
-            "--profile",
-            "minimal",
-        ]))?;
+        run(Command::new("rustup").args(["toolchain", "install", "nightly", "--profile", "minimal"]))?;
         did.push("installed the nightly toolchain");
     }
-    let sysroot = PathBuf::from(output(
-        Command::new("rustc").args(["+nightly", "--print", "sysroot"]),
-    )?);
-    if !sysroot
-        .join("lib/rustlib/src/rust/library/core/Cargo.toml")
-        .exists()
-    {
-        run(Command::new("rustup").args([
-            "component",
-            "add",
-            "rust-src",
-            "--toolchain",
-            "nightly",
-        ]))?;
+    let sysroot = PathBuf::from(output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))?);
+    if !sysroot.join("lib/rustlib/src/rust/library/core/Cargo.toml").exists() {
+        run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
         did.push("added rust-src to nightly");
     }
 
@@ -97,11 +80,7 @@ pub fn setup() -> Result<()> {
         did.push("built bpf-linker against the nightly's LLVM");
     }
 
-    let mut packages: Vec<&str> = TOOLS
-        .iter()
-        .filter(|(t, _)| !on_path(t))
-        .map(|(_, p)| *p)
-        .collect();
+    let mut packages: Vec<&str> = TOOLS.iter().filter(|(t, _)| !on_path(t)).map(|(_, p)| *p).collect();
     packages.dedup();
     if !packages.is_empty() {
         run(Command::new("apt-get").args(["update", "-qq"]))?;
@@ -143,10 +122,7 @@ fn llvm_major(rustc_vv: &str) -> Option<u32> {
 /// (`libLLVM-<major>-rust-*.so` beside it is a linker script, not a library.)
 fn llvm_library(files: &[String], major: u32) -> Option<&str> {
     let prefix = format!("libLLVM.so.{major}.");
-    files
-        .iter()
-        .map(String::as_str)
-        .find(|f| f.starts_with(&prefix))
+    files.iter().map(String::as_str).find(|f| f.starts_with(&prefix))
 }
 
 /// bpf-linker links against LLVM; the nightly toolchain ships a libLLVM of exactly the
@@ -161,8 +137,8 @@ fn build_bpf_linker(sysroot: &Path) -> Result<()> {
         .with_context(|| format!("read {}", lib_dir.display()))?
         .filter_map(|e| e.ok()?.file_name().into_string().ok())
         .collect();
-    let lib = llvm_library(&files, major)
-        .with_context(|| format!("no libLLVM.so.{major}.* in {}", lib_dir.display()))?;
+    let lib =
+        llvm_library(&files, major).with_context(|| format!("no libLLVM.so.{major}.* in {}", lib_dir.display()))?;
 
     let prefix = cargo_home().join(format!("imq-llvm-{major}"));
     let prefix_lib = prefix.join("lib");
@@ -170,8 +146,7 @@ fn build_bpf_linker(sysroot: &Path) -> Result<()> {
     for name in ["libLLVM.so", lib] {
         let link = prefix_lib.join(name);
         let _ = fs::remove_file(&link);
-        std::os::unix::fs::symlink(lib_dir.join(lib), &link)
-            .with_context(|| format!("symlink {}", link.display()))?;
+        std::os::unix::fs::symlink(lib_dir.join(lib), &link).with_context(|| format!("symlink {}", link.display()))?;
     }
     eprintln!("setup: building bpf-linker {BPF_LINKER_VERSION} against {lib} (about a minute)");
     run(Command::new("cargo")
@@ -200,10 +175,7 @@ mod tests {
             "librustc_driver-1234.so".to_owned(),
             "libLLVM.so.22.1-rust-1.97.0-nightly".to_owned(),
         ];
-        assert_eq!(
-            llvm_library(&files, 22),
-            Some("libLLVM.so.22.1-rust-1.97.0-nightly")
-        );
+        assert_eq!(llvm_library(&files, 22), Some("libLLVM.so.22.1-rust-1.97.0-nightly"));
         assert_eq!(llvm_library(&files, 21), None);
     }
 }

@@ -102,9 +102,7 @@ fn one_line(err: &clap::Error) -> String {
         .to_string()
         .lines()
         .map(str::trim)
-        .filter(|l| {
-            !l.is_empty() && !l.starts_with("For more information") && !l.starts_with("Usage:")
-        })
+        .filter(|l| !l.is_empty() && !l.starts_with("For more information") && !l.starts_with("Usage:"))
         .map(|l| l.strip_prefix("error: ").unwrap_or(l))
         .collect::<Vec<_>>()
         .join(" ")
@@ -130,11 +128,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             match imq.attach(&req)? {
                 Attached::Added { created_dev: true } => eprintln!("created {dev}"),
                 Attached::Added { created_dev: false } => {}
-                Attached::Unchanged => eprintln!(
-                    "rule already present on {} {}",
-                    req.interface,
-                    direction.as_str()
-                ),
+                Attached::Unchanged => eprintln!("rule already present on {} {}", req.interface, direction.as_str()),
             }
         }
         Command::Detach {

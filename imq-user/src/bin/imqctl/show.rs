@@ -34,11 +34,7 @@ pub fn render(status: &Status) -> String {
             }
             None => out.push_str(" all"),
         }
-        let _ = write!(
-            out,
-            " dev {} packets {} bytes {}",
-            r.dev, r.packets, r.bytes
-        );
+        let _ = write!(out, " dev {} packets {} bytes {}", r.dev, r.packets, r.bytes);
         if !r.attached {
             out.push_str(" (not attached)");
         }

@@ -1,0 +1,375 @@
+//! Egress, marks, forwarded traffic, global limits, tunnels and missing devices, with
+//! real traffic through namespaces (client — router — server, or client — server).
+
+use std::{net::SocketAddr, thread};
+
+use imq_tests::{Goodput, Load, NetNs, Pair, Routed, ping, require_root, tcp_goodput};
+use serde_json::Value;
+
+const UNSHAPED_FLOOR_MBIT: f64 = 1000.0;
+
+fn goodput(client: &NetNs, server: &NetNs, dst: &str, port: u16) -> Goodput {
+    let addr: SocketAddr = if dst.contains(':') {
+        format!("[{dst}]:{port}")
+    } else {
+        format!("{dst}:{port}")
+    }
+    .parse()
+    .unwrap();
+    tcp_goodput(client, server, addr, Load::default()).expect("traffic")
+}
+
+fn tbf(ns: &NetNs, dev: &str, mbit: u32) {
+    let rate = format!("{mbit}mbit");
+    ns.tc(&[
+        "qdisc", "replace", "dev", dev, "root", "tbf", "rate", &rate, "burst", "32kb", "latency", "100ms",
+    ])
+    .expect("tbf");
+}
+
+/// `measured` within `tolerance` (a fraction) of `mbit`.
+fn assert_rate(g: Goodput, mbit: f64, tolerance: f64, what: &str) {
+    eprintln!("{what}: {g}");
+    let m = g.mbit_per_s();
+    let (lo, hi) = (mbit * (1.0 - tolerance), mbit * (1.0 + tolerance));
+    assert!(
+        (lo..=hi).contains(&m),
+        "{what}: expected {lo:.1}-{hi:.1} Mbit/s, measured {g}"
+    );
+}
+
+fn assert_unshaped(g: Goodput, what: &str) {
+    eprintln!("{what}: {g}");
+    assert!(
+        g.mbit_per_s() > UNSHAPED_FLOOR_MBIT,
+        "{what}: expected unshaped (> {UNSHAPED_FLOOR_MBIT} Mbit/s), measured {g}"
+    );
+}
+
+fn show(ns: &NetNs) -> Value {
+    serde_json::from_str(&ns.imqctl_ok(&["show", "-j"])).expect("show -j is JSON")
+}
+
+fn imq_rx(ns: &NetNs, dev: &str) -> (u64, u64) {
+    let v: Value = serde_json::from_str(&ns.ip(&["-s", "-j", "link", "show", dev]).unwrap()).unwrap();
+    let rx = &v[0]["stats64"]["rx"];
+    (rx["packets"].as_u64().unwrap(), rx["bytes"].as_u64().unwrap())
+}
+
+fn counters(status: &Value) -> (u64, u64) {
+    status["rules"].as_array().unwrap().iter().fold((0, 0), |(p, b), r| {
+        (p + r["packets"].as_u64().unwrap(), b + r["bytes"].as_u64().unwrap())
+    })
+}
+
+fn device_state(status: &Value, dev: &str) -> String {
+    status["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["name"] == dev)
+        .map_or_else(|| "absent".into(), |d| d["state"].as_str().unwrap().to_owned())
+}
+
+#[test]
+fn egress_shapes_local_ipv4_and_ipv6() {
+    require_root();
+    let pair = Pair::new("egl").unwrap();
+    let c = &pair.client;
+    c.imqctl_ok(&["attach", "c0", "--direction", "egress"]);
+
+    // Exact accounting first, through a FIFO that neither drops nor segments.
+    c.tc(&["qdisc", "replace", "dev", "imq0", "root", "pfifo", "limit", "100000"])
+        .unwrap();
+    assert_unshaped(
+        goodput(c, &pair.server, &pair.server_v4(), 5200),
+        "through imq0 with pfifo",
+    );
+    let status = show(c);
+    assert_eq!(
+        counters(&status),
+        imq_rx(c, "imq0"),
+        "rule counters vs imq0 rx: {status}"
+    );
+    assert_eq!(status["rules"][0]["direction"], "egress");
+    assert_eq!(status["rules"][0]["attached"], true);
+
+    tbf(c, "imq0", 20);
+    assert_rate(
+        goodput(c, &pair.server, &pair.server_v4(), 5201),
+        19.0,
+        0.105,
+        "local IPv4 egress, TBF 20mbit",
+    );
+    assert_rate(
+        goodput(c, &pair.server, &pair.server_v6(), 5202),
+        19.0,
+        0.105,
+        "local IPv6 egress, TBF 20mbit",
+    );
+    assert_eq!(ping(c, &pair.server_v4(), 5), 5, "ping through the shaped egress");
+    assert_eq!(ping(c, &pair.server_v6(), 5), 5, "ping6 through the shaped egress");
+
+    c.imqctl_ok(&["detach", "c0", "--direction", "egress"]);
+    assert_unshaped(goodput(c, &pair.server, &pair.server_v4(), 5203), "after detach");
+    // imq's filter is gone from the interface.
+    let filters = c.tc(&["filter", "show", "dev", "c0", "egress"]).unwrap();
+    assert!(!filters.contains("imq_egress"), "{filters}");
+}
+
+#[test]
+fn forwarded_traffic_selected_by_iptables_and_nftables_marks() {
+    require_root();
+    let net = Routed::new("fwd", 1).unwrap();
+    let (c, r, s) = (&net.clients[0], &net.router, &net.server);
+    r.exec(
+        "iptables",
+        &[
+            "-t",
+            "mangle",
+            "-A",
+            "FORWARD",
+            "-p",
+            "tcp",
+            "--dport",
+            "5301",
+            "-j",
+            "MARK",
+            "--set-mark",
+            "0x10",
+        ],
+    )
+    .unwrap();
+    r.exec("nft", &["add table inet imqtest"]).unwrap();
+    r.exec(
+        "nft",
+        &["add chain inet imqtest post { type filter hook postrouting priority mangle; }"],
+    )
+    .unwrap();
+    r.exec("nft", &["add rule inet imqtest post tcp dport 5303 meta mark set 0x20"])
+        .unwrap();
+
+    r.imqctl_ok(&[
+        "attach",
+        "rs",
+        "--direction",
+        "egress",
+        "--mark",
+        "0x10/0xff",
+        "--dev",
+        "imq0",
+    ]);
+    r.imqctl_ok(&[
+        "attach",
+        "rs",
+        "--direction",
+        "egress",
+        "--mark",
+        "0x20/0xff",
+        "--dev",
+        "imq1",
+    ]);
+    tbf(r, "imq0", 20);
+    tbf(r, "imq1", 40);
+
+    assert_rate(
+        goodput(c, s, Routed::SERVER_V4, 5301),
+        19.0,
+        0.15,
+        "iptables mark 0x10 -> imq0 (20mbit)",
+    );
+    assert_unshaped(goodput(c, s, Routed::SERVER_V4, 5302), "unmarked port");
+    assert_rate(
+        goodput(c, s, Routed::SERVER_V4, 5303),
+        38.0,
+        0.15,
+        "nftables mark 0x20 -> imq1 (40mbit)",
+    );
+    assert_eq!(ping(c, Routed::SERVER_V4, 3), 3);
+    assert_eq!(ping(c, Routed::SERVER_V6, 3), 3);
+
+    // The user orders rules: a rule at prio 5 now catches 0x10 first and sends it to imq1.
+    r.imqctl_ok(&[
+        "attach",
+        "rs",
+        "--direction",
+        "egress",
+        "--mark",
+        "0x10/0xf0",
+        "--dev",
+        "imq1",
+        "--prio",
+        "5",
+    ]);
+    let status = show(r);
+    let order: Vec<_> = status["rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| (x["prio"].as_u64().unwrap(), x["mark"].as_str().unwrap().to_owned()))
+        .collect();
+    assert_eq!(
+        order,
+        [
+            (5, "0x10/0xf0".into()),
+            (10, "0x10/0xff".into()),
+            (20, "0x20/0xff".into())
+        ]
+    );
+    assert_rate(
+        goodput(c, s, Routed::SERVER_V4, 5301),
+        38.0,
+        0.15,
+        "0x10 now through prio 5 -> imq1 (40mbit)",
+    );
+}
+
+#[test]
+fn global_limit_over_two_interfaces_in_mixed_directions() {
+    require_root();
+    let net = Routed::new("glob", 2).unwrap();
+    let r = &net.router;
+    // Client 0's traffic is taken where it enters the router (r0 ingress); client 1's
+    // where it leaves towards the server (rs egress), selected by a mark set on r1.
+    r.exec(
+        "iptables",
+        &[
+            "-t",
+            "mangle",
+            "-A",
+            "FORWARD",
+            "-i",
+            "r1",
+            "-j",
+            "MARK",
+            "--set-mark",
+            "0x2",
+        ],
+    )
+    .unwrap();
+    r.imqctl_ok(&["attach", "r0", "--direction", "ingress", "--dev", "imq0"]);
+    r.imqctl_ok(&[
+        "attach",
+        "rs",
+        "--direction",
+        "egress",
+        "--mark",
+        "0x2",
+        "--dev",
+        "imq0",
+    ]);
+    tbf(r, "imq0", 30);
+
+    let flows: Vec<_> = net
+        .clients
+        .iter()
+        .enumerate()
+        .map(|(k, c)| {
+            let (c, s) = (c.name().to_owned(), net.server.name().to_owned());
+            thread::spawn(move || {
+                let addr: SocketAddr = format!("{}:{}", Routed::SERVER_V4, 5301 + k).parse().unwrap();
+                tcp_goodput(&NetNs::adopt(&c), &NetNs::adopt(&s), addr, Load::default())
+            })
+        })
+        .collect();
+    let rates: Vec<Goodput> = flows.into_iter().map(|f| f.join().unwrap().expect("traffic")).collect();
+    let sum: f64 = rates.iter().map(Goodput::mbit_per_s).sum();
+    eprintln!("two flows through one TBF 30mbit: {sum:.2} Mbit/s in all ({rates:?})");
+    assert!(
+        (25.5..=31.5).contains(&sum),
+        "sum of both flows through TBF 30mbit: {sum:.2} Mbit/s ({rates:?})"
+    );
+    for (k, g) in rates.iter().enumerate() {
+        assert!(g.mbit_per_s() > sum * 0.2, "client {k} starved: {g} of {sum:.2} Mbit/s");
+    }
+    let status = show(r);
+    for rule in status["rules"].as_array().unwrap() {
+        assert!(rule["packets"].as_u64().unwrap() > 100, "{rule}");
+    }
+}
+
+#[test]
+fn vxlan_over_a_shaped_interface_keeps_working() {
+    require_root();
+    let pair = Pair::new("vx").unwrap();
+    let (c, s) = (&pair.client, &pair.server);
+    for (ns, local, remote, inner) in [
+        (c, "198.18.{n}.1", "198.18.{n}.2", "198.19.77.1/24"),
+        (s, "198.18.{n}.2", "198.18.{n}.1", "198.19.77.2/24"),
+    ] {
+        let n = (pair.id % 250).to_string();
+        let (local, remote) = (local.replace("{n}", &n), remote.replace("{n}", &n));
+        let dev = if ns.name() == c.name() { "c0" } else { "s0" };
+        ns.ip(&[
+            "link", "add", "vx0", "type", "vxlan", "id", "42", "local", &local, "remote", &remote, "dstport", "4789",
+            "dev", dev,
+        ])
+        .unwrap();
+        ns.ip(&["addr", "add", inner, "dev", "vx0"]).unwrap();
+        ns.ip(&["link", "set", "vx0", "up"]).unwrap();
+    }
+    // Inner packets (vx0) and the outer packets that carry them (c0) are both selected
+    // into imq0: the case the original IMQ FAQ warns deadlooped with tunnels.
+    c.imqctl_ok(&["attach", "vx0", "--direction", "egress"]);
+    c.imqctl_ok(&["attach", "c0", "--direction", "egress"]);
+    tbf(c, "imq0", 20);
+
+    assert_eq!(ping(c, "198.19.77.2", 5), 5, "ping over vxlan");
+    let g = goodput(c, s, "198.19.77.2", 5201);
+    eprintln!("TCP over vxlan, inner and outer selected: {g}");
+    // Shaped once or twice, never looping: at most the configured rate, and flowing.
+    assert!(
+        (5.0..=21.0).contains(&g.mbit_per_s()),
+        "TCP over vxlan through imq0: {g}"
+    );
+    let status = show(c);
+    let vx = status["rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["interface"] == "vx0")
+        .unwrap()
+        .clone();
+    assert!(vx["packets"].as_u64().unwrap() > 100, "{status}");
+}
+
+#[test]
+fn missing_device_passes_traffic_and_dev_add_restores_shaping() {
+    require_root();
+    let pair = Pair::new("miss").unwrap();
+    let (c, s) = (&pair.client, &pair.server);
+    // Egress on the client, ingress on the server: each with its own imq0.
+    c.imqctl_ok(&["attach", "c0", "--direction", "egress"]);
+    s.imqctl_ok(&["attach", "s0", "--direction", "ingress"]);
+    for (ns, what) in [(c, "egress"), (s, "ingress")] {
+        tbf(ns, "imq0", 20);
+        assert_rate(
+            goodput(c, s, &pair.server_v4(), 5201),
+            19.0,
+            0.15,
+            &format!("{what} shaped"),
+        );
+        // Only one side shapes at a time.
+        ns.ip(&["link", "del", "imq0"]).unwrap();
+    }
+
+    // Both imq devices deleted under their rules: traffic passes, nothing dropped.
+    assert_unshaped(goodput(c, s, &pair.server_v4(), 5202), "both devices deleted");
+    assert_eq!(ping(c, &pair.server_v4(), 5), 5);
+    assert_eq!(device_state(&show(c), "imq0"), "missing");
+    assert_eq!(device_state(&show(s), "imq0"), "missing");
+
+    // Re-created with imqctl: shaping is back without re-attaching.
+    for (ns, what) in [(c, "egress"), (s, "ingress")] {
+        ns.imqctl_ok(&["dev", "add", "imq0"]);
+        assert_eq!(device_state(&show(ns), "imq0"), "up");
+        tbf(ns, "imq0", 20);
+        assert_rate(
+            goodput(c, s, &pair.server_v4(), 5203),
+            19.0,
+            0.15,
+            &format!("{what} after dev add"),
+        );
+        ns.ip(&["link", "del", "imq0"]).unwrap();
+    }
+}
