@@ -23,10 +23,13 @@ pub const MAX_HOOKS: u32 = 1024;
 pub const RULES_MAP: &str = "imq_rules";
 pub const DEVICES_MAP: &str = "imq_devices";
 pub const COUNTERS_MAP: &str = "imq_counters";
+pub const DOWN_MAP: &str = "imq_down";
 
 /// Program names in the ELF.
 pub const INGRESS_PROG: &str = "imq_ingress";
 pub const EGRESS_PROG: &str = "imq_egress";
+pub const IFB_OPEN_PROG: &str = "imq_ifb_open";
+pub const IFB_CLOSE_PROG: &str = "imq_ifb_close";
 
 pub const DIRECTION_INGRESS: u32 = 0;
 pub const DIRECTION_EGRESS: u32 = 1;

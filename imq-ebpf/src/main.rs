@@ -10,10 +10,13 @@
 
 use aya_ebpf::{
     bindings::{BPF_F_NO_PREALLOC, TC_ACT_UNSPEC},
-    helpers::generated::{bpf_check_mtu, bpf_redirect},
-    macros::{classifier, map},
+    helpers::{
+        bpf_probe_read_kernel,
+        generated::{bpf_check_mtu, bpf_redirect},
+    },
+    macros::{classifier, fentry, map},
     maps::{Array, HashMap, PerCpuArray},
-    programs::TcContext,
+    programs::{FEntryContext, TcContext},
 };
 use imq_common::{
     Counters, DIRECTION_EGRESS, DIRECTION_INGRESS, Device, HookKey, MAX_DEVICES, MAX_HOOKS, MAX_RULE_IDS,
@@ -29,6 +32,12 @@ static RULES: HashMap<HookKey, RuleSet> = HashMap::with_max_entries(MAX_HOOKS, B
 /// imq device number -> ifindex.
 #[map(name = "imq_devices")]
 static DEVICES: Array<Device> = Array::with_max_entries(MAX_DEVICES, 0);
+
+/// ifindexes of imq devices that are down. A redirect into a down device is dropped
+/// (its qdisc is noop_qdisc; mirred refuses it), so the data path passes their
+/// traffic unshaped instead. Kept current by imq_ifb_open/imq_ifb_close.
+#[map(name = "imq_down")]
+static DOWN: HashMap<u32, u32> = HashMap::with_max_entries(MAX_DEVICES, 0);
 
 /// Per-rule packets and bytes sent to the imq device, per CPU.
 #[map(name = "imq_counters")]
@@ -120,7 +129,9 @@ fn select(ctx: &TcContext, direction: u32) -> Option<Selection> {
             continue;
         }
         let dev_ifindex = DEVICES.get(rule.dev).map_or(0, |d: &Device| d.ifindex);
-        if dev_ifindex == 0 || !device_exists(ctx, dev_ifindex) {
+        // SAFETY: read-only lookup of a plain value.
+        let down = unsafe { DOWN.get(dev_ifindex) }.is_some();
+        if dev_ifindex == 0 || down || !device_exists(ctx, dev_ifindex) {
             return None;
         }
         return Some(Selection {
@@ -174,6 +185,70 @@ fn count(id: u32, len: u32) {
             (*c).packets += 1;
             (*c).bytes += u64::from(len);
         }
+    }
+}
+
+// Load-time constants (set by imqctl from SO_NETNS_COOKIE and the running kernel's
+// BTF): the network namespace this instance serves, and where struct net_device and
+// struct net keep what the hooks below read. Without CO-RE in Rust, offsets come in
+// this way.
+#[unsafe(no_mangle)]
+static NETNS_COOKIE: u64 = 0;
+#[unsafe(no_mangle)]
+static OFFSET_DEV_IFINDEX: u32 = 0;
+#[unsafe(no_mangle)]
+static OFFSET_DEV_NET: u32 = 0;
+#[unsafe(no_mangle)]
+static OFFSET_NET_COOKIE: u32 = 0;
+
+/// ifb's ndo_open: an imq device came up.
+#[fentry(function = "ifb_open")]
+pub fn imq_ifb_open(ctx: FEntryContext) -> u32 {
+    track_device(&ctx, true);
+    0
+}
+
+/// ifb's ndo_stop: an imq device went down (also on its way to deletion).
+#[fentry(function = "ifb_close")]
+pub fn imq_ifb_close(ctx: FEntryContext) -> u32 {
+    track_device(&ctx, false);
+    0
+}
+
+#[inline(always)]
+fn track_device(ctx: &FEntryContext, up: bool) {
+    // SAFETY: constants are read as the loader left them.
+    let (cookie, off_ifindex, off_net, off_cookie) = unsafe {
+        (
+            core::ptr::read_volatile(&NETNS_COOKIE),
+            core::ptr::read_volatile(&OFFSET_DEV_IFINDEX) as usize,
+            core::ptr::read_volatile(&OFFSET_DEV_NET) as usize,
+            core::ptr::read_volatile(&OFFSET_NET_COOKIE) as usize,
+        )
+    };
+    if cookie == 0 || off_ifindex == 0 {
+        return;
+    }
+    let dev: *const u8 = ctx.arg(0);
+    // SAFETY: bpf_probe_read_kernel checks the addresses; dev is the hooked
+    // function's struct net_device *.
+    let read = || unsafe {
+        let net = bpf_probe_read_kernel(dev.add(off_net).cast::<*const u8>()).ok()?;
+        let dev_cookie = bpf_probe_read_kernel(net.add(off_cookie).cast::<u64>()).ok()?;
+        let ifindex = bpf_probe_read_kernel(dev.add(off_ifindex).cast::<u32>()).ok()?;
+        Some((dev_cookie, ifindex))
+    };
+    // Each namespace's imq state has its own instance: only its devices count.
+    let Some((dev_cookie, ifindex)) = read() else {
+        return;
+    };
+    if dev_cookie != cookie {
+        return;
+    }
+    if up {
+        let _ = DOWN.remove(ifindex);
+    } else {
+        let _ = DOWN.insert(ifindex, 1, 0);
     }
 }
 

@@ -4,6 +4,7 @@
 //! Every operation validates all of its input and plans its whole change before it
 //! touches the kernel; a refused operation changes nothing.
 
+mod btf;
 pub mod error;
 pub mod netlink;
 pub mod rule;
@@ -64,8 +65,10 @@ pub struct DeviceStatus {
     pub name: String,
     /// 0 when missing.
     pub ifindex: u32,
-    /// `up`, `down`, or `missing` (rules point at it but the device is gone: their
-    /// traffic passes unshaped).
+    /// `up`; `down` (its traffic passes unshaped); `down-dropping` (down, and imq was
+    /// not told: `imqctl dev add` fixes that); `missing` (deleted: its traffic passes
+    /// unshaped); `stale` (re-created outside imqctl: passes unshaped until
+    /// `imqctl dev add`).
     pub state: &'static str,
     pub txqueuelen: u32,
 }
@@ -90,6 +93,10 @@ pub struct RuleStatus {
 pub struct Status {
     pub devices: Vec<DeviceStatus>,
     pub rules: Vec<RuleStatus>,
+    /// Whether imq follows its devices going down and up by itself. Without it, after
+    /// `ip link set imqN down` run `imqctl dev add imqN` so that imq passes that
+    /// device's traffic instead of sending it into a device that drops it.
+    pub tracks_device_state: bool,
 }
 
 /// The control plane of one network namespace: the one imqctl runs in.
@@ -187,7 +194,7 @@ impl Imq {
         };
         let mut done = Vec::new();
         let result = (|| {
-            state.set_device(req.dev.0, dev_link.index)?;
+            state.set_device(req.dev.0, dev_link.index, true)?;
             for (direction, old, new, id) in &plans {
                 state.reset_counters(*id)?;
                 done.push((*direction, *old));
@@ -297,6 +304,7 @@ impl Imq {
         let Some(mut state) = State::open(self.bpffs())? else {
             return Ok(status);
         };
+        status.tracks_device_state = state.tracks_device_state();
         let mut targeted = Vec::new();
         for (key, set) in state.all_rule_sets()? {
             let Some(direction) = Direction::from_raw(key.direction) else {
@@ -337,6 +345,8 @@ impl Imq {
                 // Re-created behind imq's back: the rules still point at the old
                 // ifindex, so its traffic passes unshaped until `imqctl dev add`.
                 Some(d) if d.ifindex != table => d.state = "stale",
+                // Down and imq does not know: what the rules select is dropped.
+                Some(d) if d.state == "down" && !state.marked_down(d.ifindex)? => d.state = "down-dropping",
                 Some(_) => {}
                 None => status.devices.push(DeviceStatus {
                     name,
@@ -366,7 +376,7 @@ impl Imq {
         // Rules that already name this device start using it now; egress filters are
         // re-pointed at it (mirred forgets a device that was deleted).
         if let Some(mut state) = State::open(self.bpffs())? {
-            state.set_device(dev.0, link.index)?;
+            state.set_device(dev.0, link.index, link.up)?;
             for (key, set) in state.all_rule_sets()? {
                 if key.direction != Direction::Egress.to_raw() || !set.as_slice().iter().any(|r| r.dev == dev.0) {
                     continue;
@@ -400,7 +410,7 @@ impl Imq {
             if rules > 0 {
                 return Err(Error::DeviceInUse { dev: name, rules });
             }
-            state.set_device(dev.0, 0)?;
+            state.set_device(dev.0, 0, true)?;
         }
         self.nl.del_link(link.index)
     }

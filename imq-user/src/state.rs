@@ -17,13 +17,14 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, PerCpuArray, PerCpuValues},
     programs::{
-        LinkOrder, SchedClassifier, TcAttachType,
+        FEntry, LinkOrder, SchedClassifier, TcAttachType,
         links::{FdLink, PinnedLink},
         tc::TcAttachOptions,
     },
 };
 use imq_common::{
-    COUNTERS_MAP, Counters, DEVICES_MAP, Device, EGRESS_PROG, HookKey, INGRESS_PROG, MAX_RULE_IDS, RULES_MAP, RuleSet,
+    COUNTERS_MAP, Counters, DEVICES_MAP, DOWN_MAP, Device, EGRESS_PROG, HookKey, IFB_CLOSE_PROG, IFB_OPEN_PROG,
+    INGRESS_PROG, MAX_RULE_IDS, RULES_MAP, RuleSet,
 };
 
 use crate::{
@@ -40,10 +41,41 @@ pub(crate) struct State {
 
 const PROG_INGRESS: &str = "prog_ingress";
 const PROG_EGRESS: &str = "prog_egress";
+const LINK_IFB_OPEN: &str = "link_ifb_open";
+const LINK_IFB_CLOSE: &str = "link_ifb_close";
+
+/// What the device hooks need to know; see imq-ebpf's track_device.
+struct HookConstants {
+    netns_cookie: u64,
+    dev_ifindex: u32,
+    dev_net: u32,
+    net_cookie: u32,
+}
+
+impl HookConstants {
+    fn read() -> Option<Self> {
+        let btf = crate::btf::Btf::from_sys_fs()?;
+        Some(Self {
+            netns_cookie: sys::netns_cookie().ok()?,
+            dev_ifindex: btf.offset_of("net_device", &["ifindex"])?,
+            dev_net: btf.offset_of("net_device", &["nd_net", "net"])?,
+            net_cookie: btf.offset_of("net", &["net_cookie"])?,
+        })
+    }
+}
 const LINK_PREFIX: &str = "link_";
 
 fn link_pin_name(direction: Direction, ifindex: u32) -> String {
     format!("{LINK_PREFIX}{direction}_{ifindex}")
+}
+
+/// A delete of a key that is not there: aya reports it as the syscall's ENOENT.
+fn is_not_found(e: &aya::maps::MapError) -> bool {
+    match e {
+        aya::maps::MapError::KeyNotFound => true,
+        aya::maps::MapError::SyscallError(s) => s.io_error.raw_os_error() == Some(libc::ENOENT),
+        _ => false,
+    }
 }
 
 /// The directory and the lock for this network namespace, without creating anything.
@@ -80,15 +112,69 @@ impl State {
     }
 
     fn load(dir: PathBuf, lock: sys::Lock) -> Result<Self> {
-        let (rules, devices, counters) = (dir.join(RULES_MAP), dir.join(DEVICES_MAP), dir.join(COUNTERS_MAP));
+        let pins: Vec<(&str, PathBuf)> = [RULES_MAP, DEVICES_MAP, COUNTERS_MAP, DOWN_MAP]
+            .into_iter()
+            .map(|m| (m, dir.join(m)))
+            .collect();
+        let mut loader = EbpfLoader::new();
         // Pinned maps are reused as they are; missing ones are created and pinned.
-        let ebpf = EbpfLoader::new()
-            .map_pin_path(RULES_MAP, rules.as_path())
-            .map_pin_path(DEVICES_MAP, devices.as_path())
-            .map_pin_path(COUNTERS_MAP, counters.as_path())
+        for (name, path) in &pins {
+            loader.map_pin_path(name, path.as_path());
+        }
+        // The device hooks are loaded once per namespace, with its cookie and the
+        // running kernel's struct offsets as constants.
+        let hooks = if dir.join(LINK_IFB_OPEN).exists() {
+            None
+        } else {
+            HookConstants::read()
+        };
+        if let Some(c) = &hooks {
+            loader
+                .override_global("NETNS_COOKIE", &c.netns_cookie, true)
+                .override_global("OFFSET_DEV_IFINDEX", &c.dev_ifindex, true)
+                .override_global("OFFSET_DEV_NET", &c.dev_net, true)
+                .override_global("OFFSET_NET_COOKIE", &c.net_cookie, true);
+        }
+        let ebpf = loader
             .load(crate::EBPF_OBJECT)
             .map_err(|e| Error::bpf("load imq object", e))?;
-        Ok(Self { dir, ebpf, _lock: lock })
+        let mut state = Self { dir, ebpf, _lock: lock };
+        if hooks.is_some() {
+            // Best effort: without these hooks a device that is down still drops what
+            // is sent to it, but everything else works.
+            let _ = state.attach_device_hooks();
+        }
+        Ok(state)
+    }
+
+    /// Whether the device hooks run: imq then follows its devices going down and up by
+    /// itself. (Some kernels refuse fentry programs, e.g. without BPF trampolines.)
+    pub fn tracks_device_state(&self) -> bool {
+        self.dir.join(LINK_IFB_OPEN).exists()
+    }
+
+    /// fentry programs on ifb's ndo_open/ndo_stop keep the down-device map current.
+    fn attach_device_hooks(&mut self) -> Result<()> {
+        let btf = aya::Btf::from_sys_fs().map_err(|e| Error::bpf("kernel BTF", e))?;
+        for (prog_name, function, pin) in [
+            (IFB_OPEN_PROG, "ifb_open", LINK_IFB_OPEN),
+            (IFB_CLOSE_PROG, "ifb_close", LINK_IFB_CLOSE),
+        ] {
+            let prog: &mut FEntry = self
+                .ebpf
+                .program_mut(prog_name)
+                .ok_or_else(|| Error::Bpf(format!("program {prog_name} missing from the object")))?
+                .try_into()
+                .map_err(|e| Error::bpf("program type", e))?;
+            prog.load(function, &btf)
+                .map_err(|e| Error::bpf(&format!("load {prog_name}"), e))?;
+            let id = prog
+                .attach()
+                .map_err(|e| Error::bpf(&format!("attach to {function}"), e))?;
+            let link: FdLink = prog.take_link(id).map_err(|e| Error::bpf("take link", e))?.into();
+            link.pin(self.dir.join(pin)).map_err(|e| Error::bpf("pin link", e))?;
+        }
+        Ok(())
     }
 
     fn map_mut(&mut self, name: &str) -> Result<&mut aya::maps::Map> {
@@ -131,7 +217,8 @@ impl State {
         let mut map = self.rules_map()?;
         if set.len == 0 {
             match map.remove(&key) {
-                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+                Ok(()) => Ok(()),
+                Err(e) if is_not_found(&e) => Ok(()),
                 Err(e) => Err(Error::bpf("remove rules", e)),
             }
         } else {
@@ -154,6 +241,17 @@ impl State {
             return Err(Error::NoFreeRuleId(MAX_RULE_IDS));
         }
         Ok(free)
+    }
+
+    /// Whether the data path knows device `ifindex` is down (and passes its traffic).
+    pub fn marked_down(&mut self, ifindex: u32) -> Result<bool> {
+        let down: HashMap<&mut MapData, u32, u32> =
+            HashMap::try_from(self.map_mut(DOWN_MAP)?).map_err(|e| Error::bpf(DOWN_MAP, e))?;
+        match down.get(&ifindex, 0) {
+            Ok(_) => Ok(true),
+            Err(e) if is_not_found(&e) => Ok(false),
+            Err(e) => Err(Error::bpf("read device state", e)),
+        }
     }
 
     /// The device table's entry for imq device `dev` (0: none).
@@ -193,8 +291,21 @@ impl State {
         Array::try_from(self.map_mut(DEVICES_MAP)?).map_err(|e| Error::bpf(DEVICES_MAP, e))
     }
 
-    /// Points imq device number `dev` at `ifindex` (0: no device, pass unshaped).
-    pub fn set_device(&mut self, dev: u32, ifindex: u32) -> Result<()> {
+    /// Points imq device number `dev` at `ifindex` (0: no device, pass unshaped), and
+    /// records whether that device is up (the device hooks keep it current after).
+    pub fn set_device(&mut self, dev: u32, ifindex: u32, up: bool) -> Result<()> {
+        let mut down: HashMap<&mut MapData, u32, u32> =
+            HashMap::try_from(self.map_mut(DOWN_MAP)?).map_err(|e| Error::bpf(DOWN_MAP, e))?;
+        let res = if up {
+            down.remove(&ifindex)
+        } else {
+            down.insert(ifindex, 1, 0)
+        };
+        match res {
+            Ok(()) => {}
+            Err(e) if is_not_found(&e) => {}
+            Err(e) => return Err(Error::bpf("write device state", e)),
+        }
         self.devices_map()?
             .set(dev, Device { ifindex, _reserved: 0 }, 0)
             .map_err(|e| Error::bpf("write device table", e))

@@ -373,3 +373,48 @@ fn missing_device_passes_traffic_and_dev_add_restores_shaping() {
         ns.ip(&["link", "del", "imq0"]).unwrap();
     }
 }
+
+#[test]
+fn device_taken_down_passes_traffic_once_imq_knows() {
+    require_root();
+    let pair = Pair::new("down").unwrap();
+    let (c, s) = (&pair.client, &pair.server);
+    c.imqctl_ok(&["attach", "c0", "--direction", "egress"]);
+    s.imqctl_ok(&["attach", "s0", "--direction", "ingress"]);
+    let tracks = show(c)["tracks_device_state"] == true;
+    eprintln!("imq follows device state by itself: {tracks}");
+    for (ns, what) in [(c, "egress"), (s, "ingress")] {
+        tbf(ns, "imq0", 20);
+        assert_rate(
+            goodput(c, s, &pair.server_v4(), 5201),
+            19.0,
+            0.15,
+            &format!("{what} shaped"),
+        );
+
+        ns.ip(&["link", "set", "imq0", "down"]).unwrap();
+        if !tracks {
+            // This kernel gives imq no way to see it: show says so, and how to fix it.
+            assert_eq!(device_state(&show(ns), "imq0"), "down-dropping");
+            assert!(ns.imqctl_ok(&["show"]).contains("DROPPED"));
+            ns.imqctl_ok(&["dev", "add", "imq0"]);
+        }
+        assert_eq!(device_state(&show(ns), "imq0"), "down");
+        assert_unshaped(goodput(c, s, &pair.server_v4(), 5202), &format!("{what}, imq0 down"));
+        assert_eq!(ping(c, &pair.server_v4(), 5), 5, "{what}, imq0 down");
+
+        ns.ip(&["link", "set", "imq0", "up"]).unwrap();
+        if !tracks {
+            ns.imqctl_ok(&["dev", "add", "imq0"]);
+        }
+        assert_eq!(device_state(&show(ns), "imq0"), "up");
+        // The qdisc outlives down/up: shaping resumes.
+        assert_rate(
+            goodput(c, s, &pair.server_v4(), 5203),
+            19.0,
+            0.15,
+            &format!("{what}, imq0 up again"),
+        );
+        ns.ip(&["link", "del", "imq0"]).unwrap();
+    }
+}

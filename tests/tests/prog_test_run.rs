@@ -10,7 +10,8 @@ use aya::{
     programs::{SchedClassifier, TestRun, TestRunOptions},
 };
 use imq_common::{
-    COUNTERS_MAP, Counters, DEVICES_MAP, DIRECTION_INGRESS, Device, HookKey, INGRESS_PROG, RULES_MAP, Rule, RuleSet,
+    COUNTERS_MAP, Counters, DEVICES_MAP, DIRECTION_INGRESS, DOWN_MAP, Device, HookKey, INGRESS_PROG, RULES_MAP, Rule,
+    RuleSet,
 };
 use imq_tests::require_root;
 
@@ -250,4 +251,13 @@ fn no_rules_or_no_device_means_untouched() {
     assert_eq!(h.counters(5), Counters::default());
     h.device(9, LO);
     assert_eq!(h.run(&f, 0), TC_ACT_REDIRECT, "device back");
+
+    // A device that is down would drop what is redirected into it: pass instead.
+    let mut down = HashMap::<_, u32, u32>::try_from(h.ebpf.map_mut(DOWN_MAP).unwrap()).unwrap();
+    down.insert(LO, 1, 0).unwrap();
+    assert_eq!(h.run(&f, 0), TCX_NEXT, "device down");
+    let mut down = HashMap::<_, u32, u32>::try_from(h.ebpf.map_mut(DOWN_MAP).unwrap()).unwrap();
+    down.remove(&LO).unwrap();
+    assert_eq!(h.run(&f, 0), TC_ACT_REDIRECT, "device up again");
+    assert_eq!(h.counters(5).packets, 2);
 }

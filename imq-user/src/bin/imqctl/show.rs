@@ -18,6 +18,24 @@ pub fn render(status: &Status) -> String {
     for d in &status.devices {
         if d.state == "missing" {
             let _ = writeln!(out, "dev {} missing (its traffic passes unshaped)", d.name);
+        } else if d.state == "stale" {
+            let _ = writeln!(
+                out,
+                "dev {} ifindex {} re-created outside imqctl: its traffic passes unshaped until `imqctl dev add {}`",
+                d.name, d.ifindex, d.name
+            );
+        } else if d.state == "down-dropping" {
+            let _ = writeln!(
+                out,
+                "dev {} ifindex {} down, and its traffic is DROPPED: `ip link set {} up`, or `imqctl dev add {}` to pass it unshaped",
+                d.name, d.ifindex, d.name, d.name
+            );
+        } else if d.state == "down" {
+            let _ = writeln!(
+                out,
+                "dev {} ifindex {} down (its traffic passes unshaped)",
+                d.name, d.ifindex
+            );
         } else {
             let _ = writeln!(
                 out,
