@@ -22,6 +22,8 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
+pub mod check;
+
 /// Privileged tests call this first: without root they fail, loudly, instead of
 /// passing without having run.
 pub fn require_root() {
@@ -299,6 +301,11 @@ pub struct Load {
     pub window: Duration,
     /// The sender never sends more than this, whatever the link's speed.
     pub max_bytes: u64,
+    /// The receiver's SO_RCVBUF, which caps the TCP window. Kept below a shaper's
+    /// queue, the flow never overflows it: a drop makes the receiver hold data behind
+    /// the hole and release it in one piece when the retransmission arrives, so bytes
+    /// that arrived before the measured window would be counted in it.
+    pub rcvbuf: Option<u32>,
 }
 
 impl Default for Load {
@@ -307,6 +314,9 @@ impl Default for Load {
             warmup: Duration::from_millis(1500),
             window: Duration::from_secs(3),
             max_bytes: 16 << 30,
+            // TBF at 10mbit with latency 100ms queues ~157 KB: stay well below. Still
+            // > 5 Gbit/s on veth, whose RTT is tens of microseconds.
+            rcvbuf: Some(96 << 10),
         }
     }
 }
@@ -319,6 +329,11 @@ pub fn tcp_goodput(client: &NetNs, server: &NetNs, server_addr: SocketAddr, load
     let (ready_tx, ready_rx) = mpsc::channel();
     let receiver = server.spawn(move || {
         let listener = TcpListener::bind(server_addr).with_context(|| format!("bind {server_addr}"))?;
+        if let Some(size) = load.rcvbuf {
+            // Set on the listener before any connection: accepted sockets inherit it,
+            // and the window is negotiated from it.
+            set_rcvbuf(&listener, size)?;
+        }
         ready_tx.send(listener.local_addr()?)?;
         let (mut conn, _) = listener.accept()?;
         conn.set_read_timeout(Some(Duration::from_secs(5)))?;
@@ -369,6 +384,24 @@ pub fn tcp_goodput(client: &NetNs, server: &NetNs, server_addr: SocketAddr, load
     let result = receiver.join().map_err(|_| anyhow::anyhow!("receiver panicked"))?;
     let _ = sender.join();
     result
+}
+
+fn set_rcvbuf(sock: &impl AsRawFd, size: u32) -> Result<()> {
+    let size = size as libc::c_int;
+    // SAFETY: valid socket fd and a pointer to an int of the given length.
+    let ret = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            (&raw const size).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if ret != 0 {
+        return Err(io::Error::last_os_error()).context("SO_RCVBUF");
+    }
+    Ok(())
 }
 
 /// The imqctl binary under test: `$IMQCTL`, else the workspace's release build, else

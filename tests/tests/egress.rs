@@ -3,73 +3,11 @@
 
 use std::{net::SocketAddr, thread};
 
-use imq_tests::{Goodput, Load, NetNs, Pair, Routed, ping, require_root, tcp_goodput};
-use serde_json::Value;
-
-const UNSHAPED_FLOOR_MBIT: f64 = 1000.0;
-
-fn goodput(client: &NetNs, server: &NetNs, dst: &str, port: u16) -> Goodput {
-    let addr: SocketAddr = if dst.contains(':') {
-        format!("[{dst}]:{port}")
-    } else {
-        format!("{dst}:{port}")
-    }
-    .parse()
-    .unwrap();
-    tcp_goodput(client, server, addr, Load::default()).expect("traffic")
-}
-
-fn tbf(ns: &NetNs, dev: &str, mbit: u32) {
-    let rate = format!("{mbit}mbit");
-    ns.tc(&[
-        "qdisc", "replace", "dev", dev, "root", "tbf", "rate", &rate, "burst", "32kb", "latency", "100ms",
-    ])
-    .expect("tbf");
-}
-
-/// `measured` within `tolerance` (a fraction) of `mbit`.
-fn assert_rate(g: Goodput, mbit: f64, tolerance: f64, what: &str) {
-    eprintln!("{what}: {g}");
-    let m = g.mbit_per_s();
-    let (lo, hi) = (mbit * (1.0 - tolerance), mbit * (1.0 + tolerance));
-    assert!(
-        (lo..=hi).contains(&m),
-        "{what}: expected {lo:.1}-{hi:.1} Mbit/s, measured {g}"
-    );
-}
-
-fn assert_unshaped(g: Goodput, what: &str) {
-    eprintln!("{what}: {g}");
-    assert!(
-        g.mbit_per_s() > UNSHAPED_FLOOR_MBIT,
-        "{what}: expected unshaped (> {UNSHAPED_FLOOR_MBIT} Mbit/s), measured {g}"
-    );
-}
-
-fn show(ns: &NetNs) -> Value {
-    serde_json::from_str(&ns.imqctl_ok(&["show", "-j"])).expect("show -j is JSON")
-}
-
-fn imq_rx(ns: &NetNs, dev: &str) -> (u64, u64) {
-    let v: Value = serde_json::from_str(&ns.ip(&["-s", "-j", "link", "show", dev]).unwrap()).unwrap();
-    let rx = &v[0]["stats64"]["rx"];
-    (rx["packets"].as_u64().unwrap(), rx["bytes"].as_u64().unwrap())
-}
-
-fn counters(status: &Value) -> (u64, u64) {
-    status["rules"].as_array().unwrap().iter().fold((0, 0), |(p, b), r| {
-        (p + r["packets"].as_u64().unwrap(), b + r["bytes"].as_u64().unwrap())
-    })
-}
-
-fn device_state(status: &Value, dev: &str) -> String {
-    status["devices"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|d| d["name"] == dev)
-        .map_or_else(|| "absent".into(), |d| d["state"].as_str().unwrap().to_owned())
-}
+use imq_tests::{
+    Goodput, Load, NetNs, Pair, Routed,
+    check::{assert_rate, assert_unshaped, dev_rx, device_state, goodput, rule_counters, show, tbf},
+    ping, require_root, tcp_goodput,
+};
 
 #[test]
 fn egress_shapes_local_ipv4_and_ipv6() {
@@ -87,8 +25,8 @@ fn egress_shapes_local_ipv4_and_ipv6() {
     );
     let status = show(c);
     assert_eq!(
-        counters(&status),
-        imq_rx(c, "imq0"),
+        rule_counters(&status),
+        dev_rx(c, "imq0"),
         "rule counters vs imq0 rx: {status}"
     );
     assert_eq!(status["rules"][0]["direction"], "egress");

@@ -4,90 +4,26 @@
 //! Topology per test: client (c0) —veth— server (s0). imq is attached to the ingress
 //! of s0, so the client's upload is what the server receives through imq0.
 
-use std::net::SocketAddr;
-
-use imq_tests::{Goodput, Load, NetNs, Pair, require_root, tcp_goodput};
+use imq_tests::{
+    Goodput, Pair,
+    check::{assert_between, assert_unshaped, dev_rx, goodput, links, rule_counters, show, tbf},
+    require_root,
+};
 use serde_json::Value;
 
-const SHAPED_MBIT: f64 = 10.0;
-/// Unshaped veth TCP is 15-20 Gbit/s here; anything shaped would be near 10 Mbit/s.
-const UNSHAPED_FLOOR_MBIT: f64 = 1000.0;
+const SHAPED_MBIT: u32 = 10;
 
 fn upload(pair: &Pair, port: u16) -> Goodput {
-    let addr: SocketAddr = format!("{}:{port}", pair.server_v4()).parse().unwrap();
-    tcp_goodput(&pair.client, &pair.server, addr, Load::default()).expect("traffic")
+    goodput(&pair.client, &pair.server, &pair.server_v4(), port)
 }
 
 fn upload_v6(pair: &Pair, port: u16) -> Goodput {
-    let addr: SocketAddr = format!("[{}]:{port}", pair.server_v6()).parse().unwrap();
-    tcp_goodput(&pair.client, &pair.server, addr, Load::default()).expect("traffic")
+    goodput(&pair.client, &pair.server, &pair.server_v6(), port)
 }
 
-fn tbf(ns: &NetNs, dev: &str, mbit: f64) {
-    // burst of a few full-size packets at this rate; latency bounds the queue.
-    ns.tc(&[
-        "qdisc",
-        "replace",
-        "dev",
-        dev,
-        "root",
-        "tbf",
-        "rate",
-        &format!("{mbit}mbit"),
-        "burst",
-        "16kb",
-        "latency",
-        "100ms",
-    ])
-    .expect("tbf");
-}
-
+/// Through TBF 10mbit: 8.5-10.5 Mbit/s.
 fn assert_shaped(g: Goodput, what: &str) {
-    eprintln!("{what}: {g}");
-    let m = g.mbit_per_s();
-    assert!(
-        (8.5..=10.5).contains(&m),
-        "{what}: expected 8.5-10.5 Mbit/s through TBF 10mbit, measured {g}"
-    );
-}
-
-fn assert_unshaped(g: Goodput, what: &str) {
-    eprintln!("{what}: {g}");
-    assert!(
-        g.mbit_per_s() > UNSHAPED_FLOOR_MBIT,
-        "{what}: expected unshaped (> {UNSHAPED_FLOOR_MBIT} Mbit/s), measured {g}"
-    );
-}
-
-fn show(ns: &NetNs) -> Value {
-    serde_json::from_str(&ns.imqctl_ok(&["show", "-j"])).expect("show -j is JSON")
-}
-
-/// (packets, bytes) imq0 received: what the data path redirected into it.
-fn imq_rx(ns: &NetNs, dev: &str) -> (u64, u64) {
-    let v: Value = serde_json::from_str(&ns.ip(&["-s", "-j", "link", "show", dev]).unwrap()).unwrap();
-    let rx = &v[0]["stats64"]["rx"];
-    (rx["packets"].as_u64().unwrap(), rx["bytes"].as_u64().unwrap())
-}
-
-/// The namespace's devices and whether each is administratively up: what imqctl could
-/// change (operational state, e.g. carrier, settles on its own and is left out).
-fn links(ns: &NetNs) -> Vec<(String, bool)> {
-    let v: Value = serde_json::from_str(&ns.ip(&["-j", "link", "show"]).unwrap()).unwrap();
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|l| {
-            let up = l["flags"].as_array().unwrap().iter().any(|f| f == "UP");
-            (l["ifname"].as_str().unwrap().to_owned(), up)
-        })
-        .collect()
-}
-
-fn rule_counters(status: &Value) -> (u64, u64) {
-    status["rules"].as_array().unwrap().iter().fold((0, 0), |(p, b), r| {
-        (p + r["packets"].as_u64().unwrap(), b + r["bytes"].as_u64().unwrap())
-    })
+    assert_between(g, 8.5, 10.5, what);
 }
 
 #[test]
@@ -111,7 +47,7 @@ fn tbf_on_imq0_shapes_ingress_and_detach_restores_it() {
     assert_eq!(qdisc[0]["drops"], 0, "{qdisc}");
     assert_eq!(
         (packets, bytes),
-        imq_rx(s, "imq0"),
+        dev_rx(s, "imq0"),
         "rule counters vs imq0 rx: {status}"
     );
     assert!(packets > 1000, "{status}");

@@ -1,0 +1,98 @@
+//! What the integration tests measure and assert, shared by all of them.
+
+use std::net::SocketAddr;
+
+use serde_json::Value;
+
+use crate::{Goodput, Load, NetNs, tcp_goodput};
+
+/// Unshaped veth TCP is 15-20 Gbit/s here; anything shaped would be near its rate.
+pub const UNSHAPED_FLOOR_MBIT: f64 = 1000.0;
+
+/// One measured TCP stream from `client` to `dst:port` (IPv4 or IPv6) on `server`.
+pub fn goodput(client: &NetNs, server: &NetNs, dst: &str, port: u16) -> Goodput {
+    let addr: SocketAddr = if dst.contains(':') {
+        format!("[{dst}]:{port}")
+    } else {
+        format!("{dst}:{port}")
+    }
+    .parse()
+    .expect("address");
+    tcp_goodput(client, server, addr, Load::default()).expect("traffic")
+}
+
+/// A TBF of `mbit` as the root qdisc of `dev`.
+pub fn tbf(ns: &NetNs, dev: &str, mbit: u32) {
+    let rate = format!("{mbit}mbit");
+    ns.tc(&[
+        "qdisc", "replace", "dev", dev, "root", "tbf", "rate", &rate, "burst", "32kb", "latency", "100ms",
+    ])
+    .expect("tbf");
+}
+
+pub fn assert_between(g: Goodput, lo: f64, hi: f64, what: &str) {
+    eprintln!("{what}: {g}");
+    let m = g.mbit_per_s();
+    assert!(
+        (lo..=hi).contains(&m),
+        "{what}: expected {lo:.1}-{hi:.1} Mbit/s, measured {g}"
+    );
+}
+
+/// Within `tolerance` (a fraction) of `mbit`.
+pub fn assert_rate(g: Goodput, mbit: f64, tolerance: f64, what: &str) {
+    assert_between(g, mbit * (1.0 - tolerance), mbit * (1.0 + tolerance), what);
+}
+
+pub fn assert_unshaped(g: Goodput, what: &str) {
+    eprintln!("{what}: {g}");
+    assert!(
+        g.mbit_per_s() > UNSHAPED_FLOOR_MBIT,
+        "{what}: expected unshaped (> {UNSHAPED_FLOOR_MBIT} Mbit/s), measured {g}"
+    );
+}
+
+/// `imqctl show -j` in the namespace.
+pub fn show(ns: &NetNs) -> Value {
+    serde_json::from_str(&ns.imqctl_ok(&["show", "-j"])).expect("show -j is JSON")
+}
+
+/// (packets, bytes) the device received, from its own counters. ifb counts in
+/// ifb_xmit, after the root qdisc: compare with imq's counters only through a qdisc
+/// that neither drops nor segments.
+pub fn dev_rx(ns: &NetNs, dev: &str) -> (u64, u64) {
+    let v: Value = serde_json::from_str(&ns.ip(&["-s", "-j", "link", "show", dev]).unwrap()).unwrap();
+    let rx = &v[0]["stats64"]["rx"];
+    (rx["packets"].as_u64().unwrap(), rx["bytes"].as_u64().unwrap())
+}
+
+/// (packets, bytes) counted by all rules of a `show -j` status.
+pub fn rule_counters(status: &Value) -> (u64, u64) {
+    status["rules"].as_array().unwrap().iter().fold((0, 0), |(p, b), r| {
+        (p + r["packets"].as_u64().unwrap(), b + r["bytes"].as_u64().unwrap())
+    })
+}
+
+/// A device's state in a `show -j` status, or "absent".
+pub fn device_state(status: &Value, dev: &str) -> String {
+    status["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["name"] == dev)
+        .map_or_else(|| "absent".into(), |d| d["state"].as_str().unwrap().to_owned())
+}
+
+/// The namespace's devices and whether each is administratively up: what imqctl could
+/// change (operational state, e.g. carrier, settles on its own and is left out).
+pub fn links(ns: &NetNs) -> Vec<(String, bool)> {
+    let v: Value = serde_json::from_str(&ns.ip(&["-j", "link", "show"]).unwrap()).unwrap();
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|l| {
+            let up = l["flags"].as_array().unwrap().iter().any(|f| f == "UP");
+            (l["ifname"].as_str().unwrap().to_owned(), up)
+        })
+        .collect()
+}
