@@ -1,5 +1,6 @@
 //! Project tasks: `cargo xtask setup | build | run | test | lint`.
 
+mod bench;
 mod demo;
 mod setup;
 
@@ -37,6 +38,8 @@ enum Task {
     },
     /// cargo fmt --check and clippy -D warnings on the host and eBPF crates
     Lint,
+    /// Measure imq beside no imq and the classic ifb setup; writes BENCHMARKS.md (root)
+    Bench,
 }
 
 pub fn workspace_root() -> PathBuf {
@@ -121,6 +124,7 @@ fn main() -> ExitCode {
         }
         Task::Test { filter } => test(filter),
         Task::Lint => lint(),
+        Task::Bench => build().and_then(|()| bench::run()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,632 @@
+//! `cargo xtask bench`: imq measured beside no imq and beside the classic ifb + u32 +
+//! mirred setup, in namespaces it creates. Each variant has its own namespace pair,
+//! set up once; variants are measured round-robin in the same run and each figure is
+//! the median of RUNS runs. Writes BENCHMARKS.md and bench/results.json.
+
+use std::{
+    fmt::Write as _,
+    fs,
+    net::SocketAddr,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result};
+use imq_tests::{
+    Load, NetNs, Pair, Routed, tcp_goodput,
+    udp::{udp_flow_loss, udp_pps, udp_rtt},
+};
+use serde_json::{Value, json};
+
+use crate::workspace_root;
+
+const RUNS: usize = 3;
+/// IPv4 TCP with timestamps: 1448 bytes of payload per 1514-byte frame. What a shaper
+/// counting whole frames lets through as goodput.
+const GOODPUT_PER_WIRE: f64 = 1448.0 / 1514.0;
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn progress(msg: &str) {
+    eprintln!("bench: {msg}");
+}
+
+fn tcp_load() -> Load {
+    Load {
+        warmup: Duration::from_millis(1000),
+        window: Duration::from_secs(2),
+        ..Load::default()
+    }
+}
+
+fn tcp_mbit(pair: &Pair, load: Load) -> Result<f64> {
+    let addr: SocketAddr = format!("{}:5201", pair.server_v4()).parse()?;
+    Ok(tcp_goodput(&pair.client, &pair.server, addr, load)?.mbit_per_s())
+}
+
+fn udp_kpps(pair: &Pair) -> Result<f64> {
+    let addr: SocketAddr = format!("{}:5301", pair.server_v4()).parse()?;
+    let load = Load {
+        warmup: Duration::from_millis(500),
+        window: Duration::from_secs(2),
+        ..Load::default()
+    };
+    Ok(udp_pps(&pair.client, &pair.server, addr, load)?.pps() / 1e3)
+}
+
+/// How packets get into a queueing device, if at all.
+#[derive(Clone, Copy, PartialEq)]
+enum Variant {
+    Baseline,
+    ImqIngress,
+    ImqEgress,
+    ClassicIngress,
+    ClassicEgress,
+}
+
+impl Variant {
+    const ALL: [Self; 5] = [
+        Self::Baseline,
+        Self::ImqIngress,
+        Self::ImqEgress,
+        Self::ClassicIngress,
+        Self::ClassicEgress,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::Baseline => "no imq (baseline)",
+            Self::ImqIngress => "imq ingress",
+            Self::ImqEgress => "imq egress",
+            Self::ClassicIngress => "classic ingress (ifb+u32+mirred)",
+            Self::ClassicEgress => "classic egress (ifb+u32+mirred)",
+        }
+    }
+
+    fn key(self) -> &'static str {
+        match self {
+            Self::Baseline => "baseline",
+            Self::ImqIngress => "imq_ingress",
+            Self::ImqEgress => "imq_egress",
+            Self::ClassicIngress => "classic_ingress",
+            Self::ClassicEgress => "classic_egress",
+        }
+    }
+
+    /// The namespace and device whose root qdisc is the queue (None for baseline).
+    fn queue(self, pair: &Pair) -> Option<(&NetNs, &'static str)> {
+        match self {
+            Self::Baseline => None,
+            Self::ImqIngress => Some((&pair.server, "imq0")),
+            Self::ImqEgress => Some((&pair.client, "imq0")),
+            Self::ClassicIngress => Some((&pair.server, "ifb0")),
+            Self::ClassicEgress => Some((&pair.client, "ifb0")),
+        }
+    }
+
+    /// A pair with this variant set up, the queue an unlimited FIFO; classic variants
+    /// get `extra_filters` non-matching u32 filters before the one that matches.
+    fn setup(self, tag: &str, imq_rules: usize, extra_filters: usize) -> Result<Pair> {
+        let pair = Pair::new(tag)?;
+        match self {
+            Self::Baseline => {}
+            Self::ImqIngress | Self::ImqEgress => {
+                let (ns, iface, dir) = if self == Self::ImqIngress {
+                    (&pair.server, "s0", "ingress")
+                } else {
+                    (&pair.client, "c0", "egress")
+                };
+                // imq_rules - 1 rules that never match (marks no packet carries) in
+                // front of the one that does: the data path walks them all.
+                for m in 1..imq_rules {
+                    ns.imqctl_ok(&["attach", iface, "-d", dir, "--mark", &format!("{:#x}", 0x1000 + m)]);
+                }
+                ns.imqctl_ok(&["attach", iface, "-d", dir]);
+            }
+            Self::ClassicIngress | Self::ClassicEgress => {
+                let (ns, iface, dir) = if self == Self::ClassicIngress {
+                    (&pair.server, "s0", "ingress")
+                } else {
+                    (&pair.client, "c0", "egress")
+                };
+                ns.ip(&["link", "add", "ifb0", "txqueuelen", "1000", "type", "ifb"])?;
+                ns.ip(&["link", "set", "ifb0", "up"])?;
+                ns.tc(&["qdisc", "add", "dev", iface, "clsact"])?;
+                let mut batch = String::new();
+                for i in 0..extra_filters {
+                    let _ = writeln!(
+                        batch,
+                        "filter add dev {iface} {dir} prio 1 protocol ip u32 match ip dst 203.0.{}.{}/32 action mirred egress redirect dev ifb0",
+                        i / 250,
+                        i % 250 + 1
+                    );
+                }
+                let _ = writeln!(
+                    batch,
+                    "filter add dev {iface} {dir} prio 1 protocol ip u32 match u32 0 0 action mirred egress redirect dev ifb0"
+                );
+                let path = std::env::temp_dir().join(format!("imq-bench-{}-{tag}.tc", std::process::id()));
+                fs::write(&path, batch)?;
+                let res = ns.exec("tc", &["-batch", path.to_str().unwrap()]);
+                let _ = fs::remove_file(&path);
+                res?;
+            }
+        }
+        if let Some((ns, dev)) = self.queue(&pair) {
+            ns.tc(&["qdisc", "replace", "dev", dev, "root", "pfifo", "limit", "100000"])?;
+        }
+        Ok(pair)
+    }
+}
+
+fn machine() -> Value {
+    let out = |cmd: &str, args: &[&str]| {
+        Command::new(cmd)
+            .args(args)
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+            .unwrap_or_default()
+    };
+    let cpu = fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("model name")
+                .map(|m| m.trim_start_matches([' ', '\t', ':']).to_owned())
+        })
+        .unwrap_or_default();
+    json!({ "cores": out("nproc", &[]), "kernel": out("uname", &["-r"]), "cpu": cpu })
+}
+
+pub fn run() -> Result<()> {
+    imq_tests::require_root();
+    let started = Instant::now();
+    let m = machine();
+    progress(&format!(
+        "machine: {} cores, {}, Linux {}",
+        m["cores"], m["cpu"], m["kernel"]
+    ));
+    let mut results = json!({ "machine": m, "runs_per_figure": RUNS });
+
+    // 1. Data path cost, unlimited FIFO on the queueing device.
+    let pairs: Vec<(Variant, Pair)> = Variant::ALL
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| Ok((v, v.setup(&format!("b{i}"), 1, 0)?)))
+        .collect::<Result<_>>()?;
+    let mut tcp: Vec<Vec<f64>> = vec![Vec::new(); pairs.len()];
+    let mut udp: Vec<Vec<f64>> = vec![Vec::new(); pairs.len()];
+    let unlimited = Load {
+        rcvbuf: None,
+        ..tcp_load()
+    };
+    for run in 0..RUNS {
+        for (i, (v, pair)) in pairs.iter().enumerate() {
+            progress(&format!("data path, run {}/{RUNS}: {}", run + 1, v.name()));
+            tcp[i].push(tcp_mbit(pair, unlimited)?);
+            udp[i].push(udp_kpps(pair)?);
+        }
+    }
+    let tcp: Vec<f64> = tcp.into_iter().map(median).collect();
+    let udp: Vec<f64> = udp.into_iter().map(median).collect();
+    results["data_path"] = json!(
+        pairs
+            .iter()
+            .enumerate()
+            .map(|(i, (v, _))| json!({ "variant": v.key(), "tcp_mbit": tcp[i], "udp64_kpps": udp[i] }))
+            .collect::<Vec<_>>()
+    );
+
+    // 2. Added latency with an idle shaper: TBF 1gbit on each queue.
+    for (v, pair) in &pairs {
+        if let Some((ns, dev)) = v.queue(pair) {
+            ns.tc(&[
+                "qdisc", "replace", "dev", dev, "root", "tbf", "rate", "1gbit", "burst", "128kb", "latency", "10ms",
+            ])?;
+        }
+    }
+    let mut rtt: Vec<Vec<Duration>> = vec![Vec::new(); pairs.len()];
+    for run in 0..RUNS {
+        for (i, (v, pair)) in pairs.iter().enumerate() {
+            progress(&format!("latency, run {}/{RUNS}: {}", run + 1, v.name()));
+            let addr: SocketAddr = format!("{}:5401", pair.server_v4()).parse()?;
+            rtt[i].extend(udp_rtt(&pair.client, &pair.server, addr, 300)?);
+        }
+    }
+    results["latency"] = json!(
+        pairs
+            .iter()
+            .enumerate()
+            .map(|(i, (v, _))| {
+                let mut r: Vec<f64> = rtt[i].iter().map(|d| d.as_secs_f64() * 1e6).collect();
+                r.sort_by(f64::total_cmp);
+                let p = |q: f64| r[((r.len() as f64 * q) as usize).min(r.len() - 1)];
+                json!({ "variant": v.key(), "samples": r.len(), "median_us": p(0.5), "p99_us": p(0.99) })
+            })
+            .collect::<Vec<_>>()
+    );
+
+    // 3. Shaping accuracy: HTB and TBF at 10, 100, 1000 Mbit/s, ingress and egress.
+    let mut accuracy = Vec::new();
+    for (v, pair) in pairs
+        .iter()
+        .filter(|(v, _)| matches!(v, Variant::ImqIngress | Variant::ImqEgress))
+    {
+        let (ns, dev) = v.queue(pair).unwrap();
+        for rate in [10u32, 100, 1000] {
+            // A burst of at least 2 ms at the rate, as HTB and TBF need at high rates.
+            let burst = format!("{}kb", (rate / 4).max(32));
+            for kind in ["tbf", "htb"] {
+                let _ = ns.tc(&["qdisc", "del", "dev", dev, "root"]);
+                let r = format!("{rate}mbit");
+                if kind == "tbf" {
+                    ns.tc(&[
+                        "qdisc", "add", "dev", dev, "root", "tbf", "rate", &r, "burst", &burst, "latency", "50ms",
+                    ])?;
+                } else {
+                    ns.tc(&[
+                        "qdisc", "add", "dev", dev, "root", "handle", "1:", "htb", "default", "1",
+                    ])?;
+                    ns.tc(&[
+                        "class", "add", "dev", dev, "parent", "1:", "classid", "1:1", "htb", "rate", &r, "ceil", &r,
+                        "burst", &burst, "cburst", &burst,
+                    ])?;
+                }
+                let mut got = Vec::new();
+                for run in 0..RUNS {
+                    progress(&format!(
+                        "accuracy, run {}/{RUNS}: {} {kind} {rate}mbit",
+                        run + 1,
+                        v.name()
+                    ));
+                    got.push(tcp_mbit(pair, tcp_load())?);
+                }
+                let measured = median(got);
+                let expected = f64::from(rate) * GOODPUT_PER_WIRE;
+                accuracy.push(json!({
+                    "direction": if *v == Variant::ImqIngress { "ingress" } else { "egress" },
+                    "qdisc": kind, "rate_mbit": rate, "expected_goodput_mbit": expected,
+                    "measured_goodput_mbit": measured, "error_pct": (measured / expected - 1.0) * 100.0,
+                }));
+            }
+        }
+    }
+    results["accuracy"] = json!(accuracy);
+    drop(pairs);
+
+    // 4. Rule scale: only the last rule/filter matches, so every packet passes all.
+    let configs: Vec<(Variant, usize)> = vec![
+        (Variant::ImqIngress, 1),
+        (Variant::ImqIngress, 8),
+        (Variant::ImqIngress, 32),
+        (Variant::ClassicIngress, 1),
+        (Variant::ClassicIngress, 100),
+        (Variant::ClassicIngress, 1000),
+        (Variant::ClassicIngress, 10000),
+    ];
+    let mut scale_pairs = Vec::new();
+    for (i, (v, n)) in configs.iter().enumerate() {
+        progress(&format!("rule scale: setting up {} with {n} rules", v.name()));
+        let t = Instant::now();
+        let pair = if *v == Variant::ImqIngress {
+            v.setup(&format!("s{i}"), *n, 0)?
+        } else {
+            v.setup(&format!("s{i}"), 1, n - 1)?
+        };
+        scale_pairs.push((*v, *n, pair, t.elapsed().as_secs_f64()));
+    }
+    let mut kpps: Vec<Vec<f64>> = vec![Vec::new(); scale_pairs.len()];
+    for run in 0..RUNS {
+        for (i, (v, n, pair, _)) in scale_pairs.iter().enumerate() {
+            progress(&format!(
+                "rule scale, run {}/{RUNS}: {} with {n} rules",
+                run + 1,
+                v.name()
+            ));
+            kpps[i].push(udp_kpps(pair)?);
+        }
+    }
+    results["rule_scale"] = json!(
+        scale_pairs
+            .iter()
+            .enumerate()
+            .map(|(i, (v, n, _, setup_s))| {
+                let k = median(kpps[i].clone());
+                json!({ "variant": v.key(), "rules": n, "udp64_kpps": k, "ns_per_packet": 1e6 / k, "setup_s": setup_s })
+            })
+            .collect::<Vec<_>>()
+    );
+    drop(scale_pairs);
+
+    // 5. Control plane: imqctl wall time, and a rule change under load.
+    let pair = Pair::new("ctl")?;
+    let s = &pair.server;
+    let time = |args: &[&str]| -> f64 {
+        let t = Instant::now();
+        s.imqctl_ok(args);
+        t.elapsed().as_secs_f64() * 1e3
+    };
+    progress("control plane: timing imqctl");
+    let first_attach = time(&["attach", "s0"]);
+    let (mut detach, mut attach, mut add_rule, mut del_rule) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..5 {
+        detach.push(time(&["detach", "s0"]));
+        attach.push(time(&["attach", "s0"]));
+        add_rule.push(time(&[
+            "attach", "s0", "--mark", "0x99", "--prio", "5", "--dev", "imq1",
+        ]));
+        del_rule.push(time(&["detach", "s0", "--mark", "0x99"]));
+    }
+    s.tc(&["qdisc", "replace", "dev", "imq0", "root", "pfifo", "limit", "100000"])?;
+    progress("control plane: 20 rule changes under a 20 kpps sequenced flow");
+    let addr: SocketAddr = format!("{}:5501", pair.server_v4()).parse()?;
+    let (sent, received, lost) = udp_flow_loss(&pair.client, s, addr, 20_000, Duration::from_secs(4), || {
+        std::thread::sleep(Duration::from_millis(300));
+        for i in 0..10 {
+            // A rule in front of the active one, added and removed...
+            s.imqctl_ok(&["attach", "s0", "--mark", "0x99", "--prio", "5", "--dev", "imq1"]);
+            s.imqctl_ok(&["detach", "s0", "--mark", "0x99"]);
+            // ...and every other time the active rule itself.
+            if i % 2 == 0 {
+                s.imqctl_ok(&["detach", "s0"]);
+                s.imqctl_ok(&["attach", "s0"]);
+            }
+        }
+    })?;
+    let imq_packets: u64 = serde_json::from_str::<Value>(&s.imqctl_ok(&["show", "-j"]))?["rules"]
+        .as_array()
+        .map_or(0, |r| r.iter().filter_map(|x| x["packets"].as_u64()).sum());
+    results["control_plane"] = json!({
+        "first_attach_ms": first_attach, "attach_ms": median(attach), "detach_ms": median(detach),
+        "add_rule_ms": median(add_rule), "remove_rule_ms": median(del_rule),
+        "under_load": { "rule_changes": 30, "sent": sent, "received": received, "lost": lost, "pps": 20000,
+                        "packets_through_imq_after_last_attach": imq_packets },
+    });
+    drop(pair);
+
+    // 6. Fan-in: 1, 2 and 4 interfaces into one imq0 with TBF 100mbit.
+    let mut fan_in = Vec::new();
+    for n in [1usize, 2, 4] {
+        let net = Routed::new(&format!("f{n}"), n)?;
+        for k in 0..n {
+            net.router.imqctl_ok(&["attach", &format!("r{k}"), "--dev", "imq0"]);
+        }
+        net.router.tc(&[
+            "qdisc", "replace", "dev", "imq0", "root", "tbf", "rate", "100mbit", "burst", "64kb", "latency", "50ms",
+        ])?;
+        let mut sums = Vec::new();
+        let mut flows_last = Vec::new();
+        for run in 0..RUNS {
+            progress(&format!(
+                "fan-in, run {}/{RUNS}: {n} interface(s) into imq0 (TBF 100mbit)",
+                run + 1
+            ));
+            let handles: Vec<_> = net
+                .clients
+                .iter()
+                .enumerate()
+                .map(|(k, c)| {
+                    let (c, s) = (c.name().to_owned(), net.server.name().to_owned());
+                    std::thread::spawn(move || {
+                        let addr: SocketAddr = format!("{}:{}", Routed::SERVER_V4, 5601 + k).parse().unwrap();
+                        tcp_goodput(&NetNs::adopt(&c), &NetNs::adopt(&s), addr, tcp_load()).map(|g| g.mbit_per_s())
+                    })
+                })
+                .collect();
+            let flows: Vec<f64> = handles
+                .into_iter()
+                .map(|h| h.join().map_err(|_| anyhow::anyhow!("flow panicked"))?)
+                .collect::<Result<_>>()?;
+            sums.push(flows.iter().sum());
+            flows_last = flows;
+        }
+        let expected = 100.0 * GOODPUT_PER_WIRE;
+        let sum = median(sums);
+        fan_in.push(
+            json!({ "interfaces": n, "expected_goodput_mbit": expected, "measured_sum_mbit": sum,
+                            "error_pct": (sum / expected - 1.0) * 100.0, "last_run_per_flow_mbit": flows_last }),
+        );
+    }
+    results["fan_in"] = json!(fan_in);
+    results["duration_s"] = json!(started.elapsed().as_secs_f64());
+
+    let root = workspace_root();
+    fs::create_dir_all(root.join("bench"))?;
+    fs::write(
+        root.join("bench/results.json"),
+        serde_json::to_string_pretty(&results)? + "\n",
+    )
+    .context("write bench/results.json")?;
+    fs::write(root.join("BENCHMARKS.md"), render(&results)).context("write BENCHMARKS.md")?;
+    progress(&format!(
+        "done in {:.0} s: BENCHMARKS.md, bench/results.json",
+        started.elapsed().as_secs_f64()
+    ));
+    Ok(())
+}
+
+fn f(v: &Value) -> f64 {
+    v.as_f64().unwrap_or(f64::NAN)
+}
+
+/// BENCHMARKS.md: the tables of this run.
+fn render(r: &Value) -> String {
+    let mut o = String::new();
+    let m = &r["machine"];
+    let _ = writeln!(o, "# imq benchmarks\n");
+    let _ = writeln!(
+        o,
+        "Generated by `cargo xtask bench` on {} cores ({}), Linux {}; every figure is the median of {} runs, \
+         variants measured round-robin in the same run, each in its own pair of namespaces joined by veth. \
+         Run time {:.0} s. Raw figures: `bench/results.json`.\n",
+        m["cores"].as_str().unwrap_or("?"),
+        m["cpu"].as_str().unwrap_or("?"),
+        m["kernel"].as_str().unwrap_or("?"),
+        r["runs_per_figure"],
+        f(&r["duration_s"])
+    );
+
+    let rows = r["data_path"].as_array().cloned().unwrap_or_default();
+    let find = |key: &str| {
+        rows.iter()
+            .find(|x| x["variant"] == key)
+            .cloned()
+            .unwrap_or(Value::Null)
+    };
+    let (base, cin, ceg) = (find("baseline"), find("classic_ingress"), find("classic_egress"));
+    let _ = writeln!(o, "## 1. Data path cost (unlimited pfifo on the queueing device)\n");
+    let _ = writeln!(
+        o,
+        "One TCP stream, and 64-byte UDP frames from one sender (packets per second received).\n"
+    );
+    let _ = writeln!(
+        o,
+        "| variant | TCP Mbit/s | vs baseline | vs classic | UDP 64 B kpps | vs baseline | vs classic |"
+    );
+    let _ = writeln!(o, "|---|---:|---:|---:|---:|---:|---:|");
+    for x in &rows {
+        let key = x["variant"].as_str().unwrap_or("");
+        let classic = if key.ends_with("egress") { &ceg } else { &cin };
+        let ratio = |a: &Value, b: &Value| {
+            if key == "baseline" {
+                "—".to_owned()
+            } else {
+                format!("{:.2}", f(a) / f(b))
+            }
+        };
+        let vs_classic = |field: &str| {
+            if key.starts_with("imq") {
+                format!("{:.2}", f(&x[field]) / f(&classic[field]))
+            } else {
+                "—".into()
+            }
+        };
+        let _ = writeln!(
+            o,
+            "| {key} | {:.0} | {} | {} | {:.0} | {} | {} |",
+            f(&x["tcp_mbit"]),
+            ratio(&x["tcp_mbit"], &base["tcp_mbit"]),
+            vs_classic("tcp_mbit"),
+            f(&x["udp64_kpps"]),
+            ratio(&x["udp64_kpps"], &base["udp64_kpps"]),
+            vs_classic("udp64_kpps"),
+        );
+    }
+
+    let _ = writeln!(
+        o,
+        "\n## 2. Added latency (UDP echo, idle TBF 1gbit on the queueing device)\n"
+    );
+    let _ = writeln!(o, "| variant | samples | median µs | p99 µs |");
+    let _ = writeln!(o, "|---|---:|---:|---:|");
+    for x in r["latency"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            o,
+            "| {} | {} | {:.1} | {:.1} |",
+            x["variant"].as_str().unwrap_or(""),
+            x["samples"],
+            f(&x["median_us"]),
+            f(&x["p99_us"])
+        );
+    }
+
+    let _ = writeln!(
+        o,
+        "\n## 3. Shaping accuracy (one TCP stream, goodput vs the configured rate)\n"
+    );
+    let _ = writeln!(
+        o,
+        "Expected goodput is the configured rate × 1448/1514 (TCP payload per Ethernet frame; shapers count frames).\n"
+    );
+    let _ = writeln!(o, "| direction | qdisc | rate Mbit/s | expected | measured | error |");
+    let _ = writeln!(o, "|---|---|---:|---:|---:|---:|");
+    for x in r["accuracy"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            o,
+            "| {} | {} | {} | {:.2} | {:.2} | {:+.1}% |",
+            x["direction"].as_str().unwrap_or(""),
+            x["qdisc"].as_str().unwrap_or(""),
+            x["rate_mbit"],
+            f(&x["expected_goodput_mbit"]),
+            f(&x["measured_goodput_mbit"]),
+            f(&x["error_pct"])
+        );
+    }
+
+    let _ = writeln!(o, "\n## 4. Rule scale (ingress; only the last rule matches)\n");
+    let _ = writeln!(
+        o,
+        "| variant | rules | UDP 64 B kpps | ns per packet (whole path) | set-up s |"
+    );
+    let _ = writeln!(o, "|---|---:|---:|---:|---:|");
+    for x in r["rule_scale"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            o,
+            "| {} | {} | {:.0} | {:.0} | {:.1} |",
+            x["variant"].as_str().unwrap_or(""),
+            x["rules"],
+            f(&x["udp64_kpps"]),
+            f(&x["ns_per_packet"]),
+            f(&x["setup_s"])
+        );
+    }
+    let _ = writeln!(
+        o,
+        "\nimq holds at most 32 rules per interface and direction today, so it has no 100/1,000/10,000 rows yet."
+    );
+
+    let c = &r["control_plane"];
+    let u = &c["under_load"];
+    let _ = writeln!(o, "\n## 5. Control plane (`imqctl` wall time, medians)\n");
+    let _ = writeln!(o, "| operation | ms |");
+    let _ = writeln!(o, "|---|---:|");
+    for (name, key) in [
+        (
+            "first attach in a namespace (loads and pins the programs)",
+            "first_attach_ms",
+        ),
+        ("attach", "attach_ms"),
+        ("detach", "detach_ms"),
+        ("add a rule in front of the active one", "add_rule_ms"),
+        ("remove that rule", "remove_rule_ms"),
+    ] {
+        let _ = writeln!(o, "| {name} | {:.1} |", f(&c[key]));
+    }
+    let _ = writeln!(
+        o,
+        "\nUnder load: {} rule changes (add/remove a rule in front of the active one; detach/attach the active \
+         rule) during a sequenced UDP flow of {} pps through imq0: {} sent, {} received, **{} lost**.",
+        u["rule_changes"], u["pps"], u["sent"], u["received"], u["lost"]
+    );
+
+    let _ = writeln!(
+        o,
+        "\n## 6. Fan-in (interfaces into one imq0, TBF 100mbit, one TCP stream each)\n"
+    );
+    let _ = writeln!(
+        o,
+        "| interfaces | expected | measured sum | error | per flow (last run) |"
+    );
+    let _ = writeln!(o, "|---:|---:|---:|---:|---|");
+    for x in r["fan_in"].as_array().into_iter().flatten() {
+        let flows: Vec<String> = x["last_run_per_flow_mbit"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|v| format!("{:.1}", f(v)))
+            .collect();
+        let _ = writeln!(
+            o,
+            "| {} | {:.2} | {:.2} | {:+.1}% | {} |",
+            x["interfaces"],
+            f(&x["expected_goodput_mbit"]),
+            f(&x["measured_sum_mbit"]),
+            f(&x["error_pct"]),
+            flows.join(", ")
+        );
+    }
+    o
+}
