@@ -23,7 +23,6 @@ pub const MAX_HOOKS: u32 = 1024;
 pub const RULES_MAP: &str = "imq_rules";
 pub const DEVICES_MAP: &str = "imq_devices";
 pub const COUNTERS_MAP: &str = "imq_counters";
-pub const DOWN_MAP: &str = "imq_down";
 
 /// Program names in the ELF.
 pub const INGRESS_PROG: &str = "imq_ingress";
@@ -94,14 +93,17 @@ impl RuleSet {
     }
 }
 
-/// Value of [`DEVICES_MAP`], indexed by device number. `ifindex == 0`: no such device,
-/// selected packets pass unshaped.
+/// Value of [`DEVICES_MAP`], indexed by device number. `ifindex == 0`: no such device;
+/// [`DEVICE_DOWN`] set: the device is down. Either way selected packets pass unshaped.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct Device {
     pub ifindex: u32,
-    pub _reserved: u32,
+    pub flags: u32,
 }
+
+/// [`Device::flags`]: the device is down; a redirect into it would be dropped.
+pub const DEVICE_DOWN: u32 = 1;
 
 /// Value of the per-CPU [`COUNTERS_MAP`]: what a rule sent to its imq device.
 #[repr(C)]

@@ -19,7 +19,7 @@ use aya_ebpf::{
     programs::{FEntryContext, TcContext},
 };
 use imq_common::{
-    Counters, DIRECTION_EGRESS, DIRECTION_INGRESS, Device, HookKey, MAX_DEVICES, MAX_HOOKS, MAX_RULE_IDS,
+    Counters, DEVICE_DOWN, DIRECTION_EGRESS, DIRECTION_INGRESS, Device, HookKey, MAX_DEVICES, MAX_HOOKS, MAX_RULE_IDS,
     MAX_RULES_PER_HOOK, RuleSet,
 };
 
@@ -32,12 +32,6 @@ static RULES: HashMap<HookKey, RuleSet> = HashMap::with_max_entries(MAX_HOOKS, B
 /// imq device number -> ifindex.
 #[map(name = "imq_devices")]
 static DEVICES: Array<Device> = Array::with_max_entries(MAX_DEVICES, 0);
-
-/// ifindexes of imq devices that are down. A redirect into a down device is dropped
-/// (its qdisc is noop_qdisc; mirred refuses it), so the data path passes their
-/// traffic unshaped instead. Kept current by imq_ifb_open/imq_ifb_close.
-#[map(name = "imq_down")]
-static DOWN: HashMap<u32, u32> = HashMap::with_max_entries(MAX_DEVICES, 0);
 
 /// Per-rule packets and bytes sent to the imq device, per CPU.
 #[map(name = "imq_counters")]
@@ -83,10 +77,15 @@ pub fn imq_ingress(ctx: TcContext) -> i32 {
 pub fn imq_egress(ctx: TcContext) -> i32 {
     // SAFETY: ctx.skb.skb is the context pointer the kernel gave this program.
     let (filter_dev, came_from) = unsafe { ((*ctx.skb.skb).tc_classid & 0xffff, (*ctx.skb.skb).ingress_ifindex) };
+    // ifb re-injects with dev_queue_xmit and skb_iif set to itself, and classifiers
+    // run again (only actions honour tc_skip_classify). Recognise that second pass
+    // first, from this filter's own device entry: one array read, not a rule lookup.
+    if came_from != 0 && DEVICES.get(filter_dev).is_some_and(|d| d.ifindex == came_from) {
+        return CLS_NO_MATCH;
+    }
     match select(&ctx, DIRECTION_EGRESS) {
-        // ifb re-injects with dev_queue_xmit and skb_iif set to itself, and the
-        // classifier runs again: mirred would skip it (tc_skip_classify), but it must
-        // not be counted twice either.
+        // Also covers a packet re-injected by another imq device whose filter comes
+        // later: never selected, never counted twice.
         Some(sel) if sel.dev == filter_dev && came_from != sel.ifindex => {
             count(sel.rule_id, ctx.len());
             CLS_MATCH
@@ -128,12 +127,11 @@ fn select(ctx: &TcContext, direction: u32) -> Option<Selection> {
         if mark & rule.mark_mask != rule.mark_value {
             continue;
         }
-        let dev_ifindex = DEVICES.get(rule.dev).map_or(0, |d: &Device| d.ifindex);
-        // SAFETY: read-only lookup of a plain value.
-        let down = unsafe { DOWN.get(dev_ifindex) }.is_some();
-        if dev_ifindex == 0 || down || !device_exists(ctx, dev_ifindex) {
+        let dev = DEVICES.get(rule.dev).copied().unwrap_or_default();
+        if dev.ifindex == 0 || dev.flags & DEVICE_DOWN != 0 || !device_exists(ctx, dev.ifindex) {
             return None;
         }
+        let dev_ifindex = dev.ifindex;
         return Some(Selection {
             dev: rule.dev,
             ifindex: dev_ifindex,
@@ -149,21 +147,38 @@ fn select(ctx: &TcContext, direction: u32) -> Option<Selection> {
 /// a non-linear part is read correctly, and a short packet fails the load.
 #[inline(always)]
 fn is_ip(ctx: &TcContext) -> bool {
-    let Ok(proto) = ctx.load::<u16>(12) else {
-        return false;
-    };
-    let Ok(first) = ctx.load::<u8>(ETH_HLEN) else {
-        return false;
-    };
-    match u16::from_be(proto) {
-        ETH_P_IP => {
-            // The whole header as IHL declares it, options included.
-            let hlen = usize::from(first & 0xf) * 4;
-            first >> 4 == 4 && hlen >= IPV4_MIN_HLEN && ctx.load::<u8>(ETH_HLEN + hlen - 1).is_ok()
-        }
-        ETH_P_IPV6 => first >> 4 == 6 && ctx.load::<u8>(ETH_HLEN + IPV6_HLEN - 1).is_ok(),
-        _ => false,
+    // Direct access to the linear data: no helper call. The headers are almost always
+    // there; when the linear part is shorter than the packet, copy them out instead.
+    let (data, end) = (ctx.data(), ctx.data_end());
+    if data + ETH_HLEN + IPV6_HLEN <= end {
+        // SAFETY: within [data, end), checked just above (IPV6_HLEN >= IPV4_MIN_HLEN).
+        let (proto, first) = unsafe {
+            (
+                u16::from_be(core::ptr::read_unaligned((data + 12) as *const u16)),
+                *((data + ETH_HLEN) as *const u8),
+            )
+        };
+        return ip_header_complete(ctx, proto, first, end - data);
     }
+    let (Ok(proto), Ok(first)) = (ctx.load::<u16>(12), ctx.load::<u8>(ETH_HLEN)) else {
+        return false;
+    };
+    ip_header_complete(ctx, u16::from_be(proto), first, ctx.len() as usize)
+}
+
+/// `linear`: bytes readable directly; more may be in the packet (skb->len).
+#[inline(always)]
+fn ip_header_complete(ctx: &TcContext, proto: u16, first: u8, linear: usize) -> bool {
+    let (version, need) = match proto {
+        // The whole header as IHL declares it, options included.
+        ETH_P_IP => (4, usize::from(first & 0xf) * 4),
+        ETH_P_IPV6 => (6, IPV6_HLEN),
+        _ => return false,
+    };
+    if first >> 4 != version || need < IPV4_MIN_HLEN {
+        return false;
+    }
+    ETH_HLEN + need <= linear || ctx.load::<u8>(ETH_HLEN + need - 1).is_ok()
 }
 
 /// A deleted imq device must not blackhole traffic: bpf_redirect to a missing ifindex
@@ -245,10 +260,21 @@ fn track_device(ctx: &FEntryContext, up: bool) {
     if dev_cookie != cookie {
         return;
     }
-    if up {
-        let _ = DOWN.remove(ifindex);
-    } else {
-        let _ = DOWN.insert(ifindex, 1, 0);
+    // Device up/down is rare: a scan of the device table is fine here and keeps the
+    // per-packet path to the one lookup it already makes.
+    for n in 0..MAX_DEVICES {
+        if let Some(d) = DEVICES.get_ptr_mut(n) {
+            // SAFETY: array element; racing writers only ever store whole flag words.
+            unsafe {
+                if (*d).ifindex == ifindex {
+                    (*d).flags = if up {
+                        (*d).flags & !DEVICE_DOWN
+                    } else {
+                        (*d).flags | DEVICE_DOWN
+                    };
+                }
+            }
+        }
     }
 }
 

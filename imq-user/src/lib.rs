@@ -346,7 +346,7 @@ impl Imq {
                 // ifindex, so its traffic passes unshaped until `imqctl dev add`.
                 Some(d) if d.ifindex != table => d.state = "stale",
                 // Down and imq does not know: what the rules select is dropped.
-                Some(d) if d.state == "down" && !state.marked_down(d.ifindex)? => d.state = "down-dropping",
+                Some(d) if d.state == "down" && !state.marked_down(dev)? => d.state = "down-dropping",
                 Some(_) => {}
                 None => status.devices.push(DeviceStatus {
                     name,

@@ -23,7 +23,7 @@ use aya::{
     },
 };
 use imq_common::{
-    COUNTERS_MAP, Counters, DEVICES_MAP, DOWN_MAP, Device, EGRESS_PROG, HookKey, IFB_CLOSE_PROG, IFB_OPEN_PROG,
+    COUNTERS_MAP, Counters, DEVICE_DOWN, DEVICES_MAP, Device, EGRESS_PROG, HookKey, IFB_CLOSE_PROG, IFB_OPEN_PROG,
     INGRESS_PROG, MAX_RULE_IDS, RULES_MAP, RuleSet,
 };
 
@@ -43,6 +43,8 @@ const PROG_INGRESS: &str = "prog_ingress";
 const PROG_EGRESS: &str = "prog_egress";
 const LINK_IFB_OPEN: &str = "link_ifb_open";
 const LINK_IFB_CLOSE: &str = "link_ifb_close";
+/// A directory whose presence says the device hooks could not be loaded here.
+const NO_DEVICE_HOOKS: &str = "no_device_hooks";
 
 /// What the device hooks need to know; see imq-ebpf's track_device.
 struct HookConstants {
@@ -112,7 +114,7 @@ impl State {
     }
 
     fn load(dir: PathBuf, lock: sys::Lock) -> Result<Self> {
-        let pins: Vec<(&str, PathBuf)> = [RULES_MAP, DEVICES_MAP, COUNTERS_MAP, DOWN_MAP]
+        let pins: Vec<(&str, PathBuf)> = [RULES_MAP, DEVICES_MAP, COUNTERS_MAP]
             .into_iter()
             .map(|m| (m, dir.join(m)))
             .collect();
@@ -123,7 +125,7 @@ impl State {
         }
         // The device hooks are loaded once per namespace, with its cookie and the
         // running kernel's struct offsets as constants.
-        let hooks = if dir.join(LINK_IFB_OPEN).exists() {
+        let hooks = if dir.join(LINK_IFB_OPEN).exists() || dir.join(NO_DEVICE_HOOKS).exists() {
             None
         } else {
             HookConstants::read()
@@ -142,7 +144,11 @@ impl State {
         if hooks.is_some() {
             // Best effort: without these hooks a device that is down still drops what
             // is sent to it, but everything else works.
-            let _ = state.attach_device_hooks();
+            if state.attach_device_hooks().is_err() {
+                // Remembered, so later commands do not parse the kernel's BTF and try
+                // again (bpffs holds no regular files, but directories).
+                let _ = fs::create_dir(state.dir.join(NO_DEVICE_HOOKS));
+            }
         }
         Ok(state)
     }
@@ -243,15 +249,13 @@ impl State {
         Ok(free)
     }
 
-    /// Whether the data path knows device `ifindex` is down (and passes its traffic).
-    pub fn marked_down(&mut self, ifindex: u32) -> Result<bool> {
-        let down: HashMap<&mut MapData, u32, u32> =
-            HashMap::try_from(self.map_mut(DOWN_MAP)?).map_err(|e| Error::bpf(DOWN_MAP, e))?;
-        match down.get(&ifindex, 0) {
-            Ok(_) => Ok(true),
-            Err(e) if is_not_found(&e) => Ok(false),
-            Err(e) => Err(Error::bpf("read device state", e)),
-        }
+    /// Whether the data path knows imq device number `dev` is down (and passes its
+    /// traffic).
+    pub fn marked_down(&mut self, dev: u32) -> Result<bool> {
+        self.devices_map()?
+            .get(&dev, 0)
+            .map(|d| d.flags & DEVICE_DOWN != 0)
+            .map_err(|e| Error::bpf("read device table", e))
     }
 
     /// The device table's entry for imq device `dev` (0: none).
@@ -294,20 +298,9 @@ impl State {
     /// Points imq device number `dev` at `ifindex` (0: no device, pass unshaped), and
     /// records whether that device is up (the device hooks keep it current after).
     pub fn set_device(&mut self, dev: u32, ifindex: u32, up: bool) -> Result<()> {
-        let mut down: HashMap<&mut MapData, u32, u32> =
-            HashMap::try_from(self.map_mut(DOWN_MAP)?).map_err(|e| Error::bpf(DOWN_MAP, e))?;
-        let res = if up {
-            down.remove(&ifindex)
-        } else {
-            down.insert(ifindex, 1, 0)
-        };
-        match res {
-            Ok(()) => {}
-            Err(e) if is_not_found(&e) => {}
-            Err(e) => return Err(Error::bpf("write device state", e)),
-        }
+        let flags = if up { 0 } else { DEVICE_DOWN };
         self.devices_map()?
-            .set(dev, Device { ifindex, _reserved: 0 }, 0)
+            .set(dev, Device { ifindex, flags }, 0)
             .map_err(|e| Error::bpf("write device table", e))
     }
 
@@ -392,7 +385,12 @@ impl State {
         let entries = fs::read_dir(&self.dir).map_err(|e| Error::io("read state directory", e))?;
         for entry in entries {
             let path = entry.map_err(|e| Error::io("read state directory", e))?.path();
-            fs::remove_file(&path).map_err(|e| Error::io(format!("remove {}", path.display()), e))?;
+            let removed = if path.is_dir() {
+                fs::remove_dir(&path)
+            } else {
+                fs::remove_file(&path)
+            };
+            removed.map_err(|e| Error::io(format!("remove {}", path.display()), e))?;
         }
         fs::remove_dir(&self.dir).map_err(|e| Error::io(format!("remove {}", self.dir.display()), e))
     }

@@ -10,8 +10,8 @@ use aya::{
     programs::{SchedClassifier, TestRun, TestRunOptions},
 };
 use imq_common::{
-    COUNTERS_MAP, Counters, DEVICES_MAP, DIRECTION_INGRESS, DOWN_MAP, Device, HookKey, INGRESS_PROG, RULES_MAP, Rule,
-    RuleSet,
+    COUNTERS_MAP, Counters, DEVICE_DOWN, DEVICES_MAP, DIRECTION_INGRESS, Device, HookKey, INGRESS_PROG, RULES_MAP,
+    Rule, RuleSet,
 };
 use imq_tests::require_root;
 
@@ -33,14 +33,7 @@ impl Harness {
         // imq0 is "lo" here: a device that exists, so rules can select packets.
         Array::<_, Device>::try_from(ebpf.map_mut(DEVICES_MAP).unwrap())
             .unwrap()
-            .set(
-                0,
-                Device {
-                    ifindex: LO,
-                    _reserved: 0,
-                },
-                0,
-            )
+            .set(0, Device { ifindex: LO, flags: 0 }, 0)
             .unwrap();
         Self { ebpf }
     }
@@ -63,9 +56,13 @@ impl Harness {
     }
 
     fn device(&mut self, dev: u32, ifindex: u32) {
+        self.device_flags(dev, ifindex, 0);
+    }
+
+    fn device_flags(&mut self, dev: u32, ifindex: u32, flags: u32) {
         Array::<_, Device>::try_from(self.ebpf.map_mut(DEVICES_MAP).unwrap())
             .unwrap()
-            .set(dev, Device { ifindex, _reserved: 0 }, 0)
+            .set(dev, Device { ifindex, flags }, 0)
             .unwrap();
     }
 
@@ -117,13 +114,29 @@ fn eth(ethertype: u16) -> Vec<u8> {
     f
 }
 
+/// IPv4 UDP with an 8-byte payload: 50 bytes, shorter than the 54 the program reads
+/// directly, so it takes the bpf_skb_load_bytes path.
 fn ipv4_udp() -> Vec<u8> {
+    ipv4_udp_payload(b"imq-test")
+}
+
+/// IPv4 UDP with a 40-byte payload: 82 bytes, read directly from the linear data.
+fn ipv4_udp_long() -> Vec<u8> {
+    ipv4_udp_payload(&[0x77; 40])
+}
+
+fn ipv4_udp_payload(payload: &[u8]) -> Vec<u8> {
     let mut f = eth(0x0800);
+    let (ip_len, udp_len) = ((28 + payload.len()) as u16, (8 + payload.len()) as u16);
     // 20-byte IPv4 header (198.18.0.1 -> 198.18.0.2, UDP), 8-byte UDP header, payload.
+    f.extend_from_slice(&[0x45, 0]);
+    f.extend_from_slice(&ip_len.to_be_bytes());
     f.extend_from_slice(&[
-        0x45, 0, 0, 36, 0, 0, 0x40, 0, 64, 17, 0, 0, 198, 18, 0, 1, 198, 18, 0, 2, 0x30, 0x39, 0x14, 0x51, 0, 16, 0, 0,
+        0, 0, 0x40, 0, 64, 17, 0, 0, 198, 18, 0, 1, 198, 18, 0, 2, 0x30, 0x39, 0x14, 0x51,
     ]);
-    f.extend_from_slice(b"imq-test");
+    f.extend_from_slice(&udp_len.to_be_bytes());
+    f.extend_from_slice(&[0, 0]);
+    f.extend_from_slice(payload);
     f
 }
 
@@ -149,14 +162,15 @@ fn arp() -> Vec<u8> {
 fn ipv4_and_ipv6_are_redirected_and_counted() {
     let mut h = Harness::new();
     h.rules(&[rule(3, None)]);
-    let (v4, v6) = (ipv4_udp(), ipv6_udp());
-    assert_eq!(h.run(&v4, 0), TC_ACT_REDIRECT);
+    let (v4, v4_long, v6) = (ipv4_udp(), ipv4_udp_long(), ipv6_udp());
+    assert_eq!(h.run(&v4, 0), TC_ACT_REDIRECT, "short IPv4: headers copied out");
+    assert_eq!(h.run(&v4_long, 0), TC_ACT_REDIRECT, "IPv4 read in place");
     assert_eq!(h.run(&v6, 0), TC_ACT_REDIRECT);
     assert_eq!(
         h.counters(3),
         Counters {
-            packets: 2,
-            bytes: (v4.len() + v6.len()) as u64
+            packets: 3,
+            bytes: (v4.len() + v4_long.len() + v6.len()) as u64
         },
         "counters count whole frames"
     );
@@ -171,6 +185,12 @@ fn non_ip_and_malformed_frames_are_left_alone() {
     let mut v4_bad_ihl = ipv4_udp();
     v4_bad_ihl[14] = 0x44;
     // IHL 15 announces 60 bytes of header; the frame ends after 36.
+    // Likewise, read in place: IHL 15 needs 74 bytes, the frame stops at 70.
+    let mut v4_options_cut_long = ipv4_udp_long();
+    v4_options_cut_long[14] = 0x4f;
+    v4_options_cut_long.truncate(70);
+    let mut v4_bad_version_long = ipv4_udp_long();
+    v4_bad_version_long[14] = 0x55;
     let mut v4_options_cut = ipv4_udp();
     v4_options_cut[14] = 0x4f;
     let mut v6_says_v4 = ipv6_udp();
@@ -184,6 +204,8 @@ fn non_ip_and_malformed_frames_are_left_alone() {
         ("IPv4 ethertype, version 6", v4_bad_version),
         ("IPv4 with IHL 4", v4_bad_ihl),
         ("IPv4 header options cut off", v4_options_cut),
+        ("IPv4 header options cut off, read in place", v4_options_cut_long),
+        ("IPv4 ethertype, version 5, read in place", v4_bad_version_long),
         ("IPv6 ethertype, version 4", v6_says_v4),
         ("VLAN-tagged", vlan),
     ];
@@ -253,11 +275,9 @@ fn no_rules_or_no_device_means_untouched() {
     assert_eq!(h.run(&f, 0), TC_ACT_REDIRECT, "device back");
 
     // A device that is down would drop what is redirected into it: pass instead.
-    let mut down = HashMap::<_, u32, u32>::try_from(h.ebpf.map_mut(DOWN_MAP).unwrap()).unwrap();
-    down.insert(LO, 1, 0).unwrap();
+    h.device_flags(9, LO, DEVICE_DOWN);
     assert_eq!(h.run(&f, 0), TCX_NEXT, "device down");
-    let mut down = HashMap::<_, u32, u32>::try_from(h.ebpf.map_mut(DOWN_MAP).unwrap()).unwrap();
-    down.remove(&LO).unwrap();
+    h.device(9, LO);
     assert_eq!(h.run(&f, 0), TC_ACT_REDIRECT, "device up again");
     assert_eq!(h.counters(5).packets, 2);
 }

@@ -18,14 +18,14 @@ extern "C" fn on_signal(_: libc::c_int) {
 
 /// Ctrl-C and SIGTERM end the demo at the next step instead of killing it before it
 /// can clean up. Each step is bounded (a few seconds).
-fn catch_signals() {
+pub fn catch_signals() {
     for sig in [libc::SIGINT, libc::SIGTERM] {
         // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
         unsafe { libc::signal(sig, on_signal as *const () as libc::sighandler_t) };
     }
 }
 
-fn step() -> Result<()> {
+pub fn step() -> Result<()> {
     if INTERRUPTED.load(Ordering::SeqCst) {
         bail!("interrupted; namespaces removed");
     }

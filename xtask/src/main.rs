@@ -39,7 +39,11 @@ enum Task {
     /// cargo fmt --check and clippy -D warnings on the host and eBPF crates
     Lint,
     /// Measure imq beside no imq and the classic ifb setup; writes BENCHMARKS.md (root)
-    Bench,
+    Bench {
+        /// Only write BENCHMARKS.md again from bench/results.json
+        #[arg(long)]
+        render_only: bool,
+    },
 }
 
 pub fn workspace_root() -> PathBuf {
@@ -124,7 +128,8 @@ fn main() -> ExitCode {
         }
         Task::Test { filter } => test(filter),
         Task::Lint => lint(),
-        Task::Bench => build().and_then(|()| bench::run()),
+        Task::Bench { render_only: true } => bench::render_saved(),
+        Task::Bench { render_only: false } => build().and_then(|()| bench::run()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
