@@ -333,7 +333,7 @@ pub fn tcp_goodput(client: &NetNs, server: &NetNs, server_addr: SocketAddr, load
         if let Some(size) = load.rcvbuf {
             // Set on the listener before any connection: accepted sockets inherit it,
             // and the window is negotiated from it.
-            set_rcvbuf(&listener, size)?;
+            set_sockopt(&listener, libc::SO_RCVBUF, size as libc::c_int)?;
         }
         ready_tx.send(listener.local_addr()?)?;
         let (mut conn, _) = listener.accept()?;
@@ -387,22 +387,44 @@ pub fn tcp_goodput(client: &NetNs, server: &NetNs, server_addr: SocketAddr, load
     result
 }
 
-fn set_rcvbuf(sock: &impl AsRawFd, size: u32) -> Result<()> {
-    let size = size as libc::c_int;
+/// An integer SOL_SOCKET option.
+pub(crate) fn set_sockopt(sock: &impl AsRawFd, opt: libc::c_int, val: libc::c_int) -> Result<()> {
     // SAFETY: valid socket fd and a pointer to an int of the given length.
     let ret = unsafe {
         libc::setsockopt(
             sock.as_raw_fd(),
             libc::SOL_SOCKET,
-            libc::SO_RCVBUF,
-            (&raw const size).cast(),
+            opt,
+            (&raw const val).cast(),
             size_of::<libc::c_int>() as libc::socklen_t,
         )
     };
     if ret != 0 {
-        return Err(io::Error::last_os_error()).context("SO_RCVBUF");
+        return Err(io::Error::last_os_error()).context("setsockopt");
     }
     Ok(())
+}
+
+/// One TCP stream from each client namespace to `server_addr(k)` on `server`, all at
+/// once; their goodputs, in client order.
+pub fn concurrent_tcp_goodput(
+    clients: &[NetNs],
+    server: &NetNs,
+    server_addr: impl Fn(usize) -> SocketAddr,
+    load: Load,
+) -> Result<Vec<Goodput>> {
+    let flows: Vec<_> = clients
+        .iter()
+        .enumerate()
+        .map(|(k, c)| {
+            let (c, s, addr) = (c.name().to_owned(), server.name().to_owned(), server_addr(k));
+            thread::spawn(move || tcp_goodput(&NetNs::adopt(&c), &NetNs::adopt(&s), addr, load))
+        })
+        .collect();
+    flows
+        .into_iter()
+        .map(|f| f.join().map_err(|_| anyhow::anyhow!("flow panicked"))?)
+        .collect()
 }
 
 /// The imqctl binary under test: `$IMQCTL`, else the workspace's release build, else

@@ -14,7 +14,7 @@ use std::{
 
 use anyhow::{Context as _, Result};
 
-use crate::{Load, NetNs};
+use crate::{Load, NetNs, set_sockopt};
 
 /// UDP payload of a 64-byte Ethernet frame (14 + 20 IPv4 + 8 UDP + 22).
 pub const SMALL_PAYLOAD: usize = 22;
@@ -33,17 +33,17 @@ impl Rate {
     }
 }
 
-fn set_sockopt(sock: &UdpSocket, opt: libc::c_int, val: libc::c_int) {
-    // SAFETY: valid fd and int pointer.
-    unsafe {
-        libc::setsockopt(
-            sock.as_raw_fd(),
-            libc::SOL_SOCKET,
-            opt,
-            (&raw const val).cast(),
-            size_of::<libc::c_int>() as libc::socklen_t,
-        );
-    }
+/// One mmsghdr per iovec, for sendmmsg/recvmmsg. The iovecs must outlive them.
+fn mmsg_headers(iov: &mut [libc::iovec]) -> Vec<libc::mmsghdr> {
+    iov.iter_mut()
+        .map(|v| {
+            // SAFETY: mmsghdr is plain data; zero is a valid empty header.
+            let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
+            m.msg_hdr.msg_iov = v;
+            m.msg_hdr.msg_iovlen = 1;
+            m
+        })
+        .collect()
 }
 
 /// Sends `payload`-sized datagrams as fast as one core can (sendmmsg batches) until
@@ -56,16 +56,7 @@ fn blast(sock: &UdpSocket, payload: usize, stop: &AtomicBool, deadline: Instant,
             iov_len: payload,
         })
         .collect();
-    // SAFETY: mmsghdr is plain data; each points at one iovec above.
-    let mut msgs: Vec<libc::mmsghdr> = iov
-        .iter_mut()
-        .map(|v| {
-            let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
-            m.msg_hdr.msg_iov = v;
-            m.msg_hdr.msg_iovlen = 1;
-            m
-        })
-        .collect();
+    let mut msgs = mmsg_headers(&mut iov);
     let mut sent = 0u64;
     while !stop.load(Ordering::Relaxed) && Instant::now() < deadline && sent < max_packets {
         // SAFETY: msgs is a valid array of BATCH initialized headers on a connected socket.
@@ -85,7 +76,7 @@ pub fn udp_pps(client: &NetNs, server: &NetNs, server_addr: SocketAddr, load: Lo
     let stop_rx = stop.clone();
     let receiver = server.spawn(move || {
         let sock = UdpSocket::bind(server_addr).with_context(|| format!("bind {server_addr}"))?;
-        set_sockopt(&sock, libc::SO_RCVBUF, 8 << 20);
+        set_sockopt(&sock, libc::SO_RCVBUF, 8 << 20)?;
         sock.set_read_timeout(Some(Duration::from_millis(200)))?;
         ready_tx.send(sock.local_addr()?)?;
         let mut bufs = vec![[0u8; 64]; BATCH];
@@ -96,16 +87,7 @@ pub fn udp_pps(client: &NetNs, server: &NetNs, server_addr: SocketAddr, load: Lo
                 iov_len: b.len(),
             })
             .collect();
-        let mut msgs: Vec<libc::mmsghdr> = iov
-            .iter_mut()
-            .map(|v| {
-                // SAFETY: plain data, pointed at one iovec.
-                let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
-                m.msg_hdr.msg_iov = v;
-                m.msg_hdr.msg_iovlen = 1;
-                m
-            })
-            .collect();
+        let mut msgs = mmsg_headers(&mut iov);
         let start = Instant::now();
         let (mut from, mut packets) = (None, 0u64);
         let result = loop {
@@ -217,7 +199,7 @@ pub fn udp_flow_loss(
     let (ready_tx, ready_rx) = mpsc::channel();
     let receiver = server.spawn(move || {
         let sock = UdpSocket::bind(server_addr)?;
-        set_sockopt(&sock, libc::SO_RCVBUF, 8 << 20);
+        set_sockopt(&sock, libc::SO_RCVBUF, 8 << 20)?;
         sock.set_read_timeout(Some(Duration::from_millis(1000)))?;
         ready_tx.send(sock.local_addr()?)?;
         let mut seen = vec![false; total as usize];

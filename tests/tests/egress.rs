@@ -1,12 +1,10 @@
 //! Egress, marks, forwarded traffic, global limits, tunnels and missing devices, with
 //! real traffic through namespaces (client — router — server, or client — server).
 
-use std::{net::SocketAddr, thread};
-
 use imq_tests::{
-    Goodput, Load, NetNs, Pair, Routed,
+    Goodput, Load, Pair, Routed,
     check::{assert_rate, assert_unshaped, dev_rx, device_state, goodput, rule_counters, show, tbf},
-    ping, require_root, tcp_goodput,
+    concurrent_tcp_goodput, ping, require_root,
 };
 
 #[test]
@@ -198,19 +196,8 @@ fn global_limit_over_two_interfaces_in_mixed_directions() {
     ]);
     tbf(r, "imq0", 30);
 
-    let flows: Vec<_> = net
-        .clients
-        .iter()
-        .enumerate()
-        .map(|(k, c)| {
-            let (c, s) = (c.name().to_owned(), net.server.name().to_owned());
-            thread::spawn(move || {
-                let addr: SocketAddr = format!("{}:{}", Routed::SERVER_V4, 5301 + k).parse().unwrap();
-                tcp_goodput(&NetNs::adopt(&c), &NetNs::adopt(&s), addr, Load::default())
-            })
-        })
-        .collect();
-    let rates: Vec<Goodput> = flows.into_iter().map(|f| f.join().unwrap().expect("traffic")).collect();
+    let port = |k: usize| format!("{}:{}", Routed::SERVER_V4, 5301 + k).parse().unwrap();
+    let rates = concurrent_tcp_goodput(&net.clients, &net.server, port, Load::default()).expect("traffic");
     let sum: f64 = rates.iter().map(Goodput::mbit_per_s).sum();
     eprintln!("two flows through one TBF 30mbit: {sum:.2} Mbit/s in all ({rates:?})");
     assert!(

@@ -13,7 +13,7 @@ use std::{
 
 use anyhow::{Context as _, Result};
 use imq_tests::{
-    Load, NetNs, Pair, Routed, tcp_goodput,
+    Load, NetNs, Pair, Routed, concurrent_tcp_goodput, tcp_goodput,
     udp::{udp_flow_loss, udp_pps, udp_rtt},
 };
 use serde_json::{Value, json};
@@ -409,22 +409,11 @@ pub fn run() -> Result<()> {
                 "fan-in, run {}/{RUNS}: {n} interface(s) into imq0 (TBF 100mbit)",
                 run + 1
             ))?;
-            let handles: Vec<_> = net
-                .clients
+            let port = |k: usize| format!("{}:{}", Routed::SERVER_V4, 5601 + k).parse().unwrap();
+            let flows: Vec<f64> = concurrent_tcp_goodput(&net.clients, &net.server, port, tcp_load())?
                 .iter()
-                .enumerate()
-                .map(|(k, c)| {
-                    let (c, s) = (c.name().to_owned(), net.server.name().to_owned());
-                    std::thread::spawn(move || {
-                        let addr: SocketAddr = format!("{}:{}", Routed::SERVER_V4, 5601 + k).parse().unwrap();
-                        tcp_goodput(&NetNs::adopt(&c), &NetNs::adopt(&s), addr, tcp_load()).map(|g| g.mbit_per_s())
-                    })
-                })
+                .map(|g| g.mbit_per_s())
                 .collect();
-            let flows: Vec<f64> = handles
-                .into_iter()
-                .map(|h| h.join().map_err(|_| anyhow::anyhow!("flow panicked"))?)
-                .collect::<Result<_>>()?;
             sums.push(flows.iter().sum());
             flows_last = flows;
         }
