@@ -159,10 +159,13 @@ impl Imq {
 
     pub fn attach(&mut self, req: &AttachRequest) -> Result<Attached> {
         let link = self.source_interface(&req.interface)?;
+        // Whether the device exists is decided under the lock: two attaches at once
+        // must not both set out to create it.
+        let locked = State::lock(self.bpffs())?;
         let dev_link = self.existing_dev(req.dev)?;
 
         // Plan every direction before changing anything.
-        let mut state = State::open_or_create(self.bpffs())?;
+        let mut state = locked.open_or_create()?;
         let directions: Vec<Direction> = req.directions.iter().collect();
         let ids = state.free_rule_ids(directions.len())?;
         let mut plans = Vec::new();
@@ -369,13 +372,14 @@ impl Imq {
         if txqueuelen == 0 {
             return Err(Error::InvalidTxQueueLen(txqueuelen));
         }
+        let locked = State::lock(self.bpffs())?;
         let (link, created) = match self.existing_dev(dev)? {
             Some(l) => (l, false),
             None => (self.nl.add_ifb(&dev.to_string(), txqueuelen)?, true),
         };
         // Rules that already name this device start using it now; egress filters are
         // re-pointed at it (mirred forgets a device that was deleted).
-        if let Some(mut state) = State::open(self.bpffs())? {
+        if let Some(mut state) = locked.open()? {
             state.set_device(dev.0, link.index, link.up)?;
             for (key, set) in state.all_rule_sets()? {
                 if key.direction != Direction::Egress.to_raw() || !set.as_slice().iter().any(|r| r.dev == dev.0) {
@@ -391,10 +395,11 @@ impl Imq {
 
     pub fn dev_del(&mut self, dev: DevName) -> Result<()> {
         let name = dev.to_string();
+        let locked = State::lock(self.bpffs())?;
         let link = self
             .existing_dev(dev)?
             .ok_or_else(|| Error::NoSuchDevice(name.clone()))?;
-        let mut state = State::open(self.bpffs())?;
+        let mut state = locked.open()?;
         if let Some(state) = state.as_mut() {
             let rules = state
                 .all_rule_sets()?

@@ -120,15 +120,23 @@ impl Netlink {
     /// disabled on it first: an imq device carries other interfaces' packets and must
     /// not send ND/MLD of its own (ifb would drop them and count them as received).
     pub fn add_ifb(&self, name: &str, txqueuelen: u32) -> Result<Link> {
-        self.rt.block_on(async {
+        let added = self.rt.block_on(async {
             let msg = LinkIfb::new(name).txqueuelen(txqueuelen).build();
-            self.handle
-                .link()
-                .add(msg)
-                .execute()
-                .await
-                .map_err(|e| nl_err(&format!("create {name}"), e))
-        })?;
+            self.handle.link().add(msg).execute().await
+        });
+        if let Err(e) = added {
+            // Created by someone else in the meantime (imqctl itself serializes):
+            // adopt it if it is an ifb.
+            return match self.link_by_name(name)? {
+                Some(l) if l.is_ifb() => {
+                    if !l.up {
+                        self.set_up(l.index)?;
+                    }
+                    Ok(Link { up: true, ..l })
+                }
+                _ => Err(nl_err(&format!("create {name}"), e)),
+            };
+        }
         let link = self
             .link_by_name(name)?
             .ok_or_else(|| Error::Netlink(format!("{name} vanished right after it was created")))?;

@@ -80,37 +80,53 @@ fn is_not_found(e: &aya::maps::MapError) -> bool {
     }
 }
 
-/// The directory and the lock for this network namespace, without creating anything.
-fn locate(bpffs: Option<&Path>) -> Result<(PathBuf, sys::Lock)> {
-    let root = sys::find_bpffs(bpffs)?.join("imq");
-    match fs::create_dir(&root) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-        Err(e) => return Err(Error::io(format!("create {}", root.display()), e)),
-    }
-    let lock = sys::Lock::exclusive(&root)?;
-    Ok((root.join(format!("net-{}", sys::netns_cookie()?)), lock))
+/// The lock every imqctl on the host takes, and this namespace's state directory;
+/// nothing opened or created yet. Checks that must not race with another imqctl
+/// (does the imq device exist?) go between taking it and opening the state.
+pub(crate) struct Locked {
+    dir: PathBuf,
+    lock: sys::Lock,
 }
 
-impl State {
+impl Locked {
     /// Opens the state of this namespace; `None` if imq has none here yet.
-    pub fn open(bpffs: Option<&Path>) -> Result<Option<Self>> {
-        let (dir, lock) = locate(bpffs)?;
-        if !dir.join(RULES_MAP).exists() {
+    pub fn open(self) -> Result<Option<State>> {
+        if !self.dir.join(RULES_MAP).exists() {
             return Ok(None);
         }
-        Self::load(dir, lock).map(Some)
+        State::load(self.dir, self.lock).map(Some)
     }
 
     /// Opens the state of this namespace, creating it if needed.
-    pub fn open_or_create(bpffs: Option<&Path>) -> Result<Self> {
-        let (dir, lock) = locate(bpffs)?;
-        match fs::create_dir(&dir) {
+    pub fn open_or_create(self) -> Result<State> {
+        match fs::create_dir(&self.dir) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(Error::io(format!("create {}", dir.display()), e)),
+            Err(e) => return Err(Error::io(format!("create {}", self.dir.display()), e)),
         }
-        Self::load(dir, lock)
+        State::load(self.dir, self.lock)
+    }
+}
+
+impl State {
+    /// Takes the host-wide imq lock (held until the state is dropped).
+    pub fn lock(bpffs: Option<&Path>) -> Result<Locked> {
+        let root = sys::find_bpffs(bpffs)?.join("imq");
+        match fs::create_dir(&root) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(Error::io(format!("create {}", root.display()), e)),
+        }
+        let lock = sys::Lock::exclusive(&root)?;
+        Ok(Locked {
+            dir: root.join(format!("net-{}", sys::netns_cookie()?)),
+            lock,
+        })
+    }
+
+    /// Shorthand: lock, then open.
+    pub fn open(bpffs: Option<&Path>) -> Result<Option<Self>> {
+        Self::lock(bpffs)?.open()
     }
 
     fn load(dir: PathBuf, lock: sys::Lock) -> Result<Self> {

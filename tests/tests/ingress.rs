@@ -226,3 +226,34 @@ fn bad_input_is_refused_and_changes_nothing() {
     );
     assert_eq!((show(s), links(s)), before, "unprivileged attach changed something");
 }
+
+/// imqctl invocations are serialized: concurrent attaches on one interface (each a
+/// read-modify-write of its rule set) lose no rule and never share a prio or counter.
+#[test]
+fn concurrent_imqctl_runs_lose_no_rule() {
+    require_root();
+    let pair = Pair::new("conc").unwrap();
+    let imqctl = imq_tests::imqctl_path().unwrap();
+    let children: Vec<_> = (1..=12)
+        .map(|m| {
+            pair.server
+                .command(imqctl.to_str().unwrap())
+                .args(["attach", "s0", "--mark", &format!("{m:#x}")])
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .expect("spawn imqctl")
+        })
+        .collect();
+    for child in children {
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let status = show(&pair.server);
+    let rules = status["rules"].as_array().unwrap();
+    let mut marks: Vec<_> = rules.iter().map(|r| r["mark"].as_str().unwrap().to_owned()).collect();
+    let mut prios: Vec<_> = rules.iter().map(|r| r["prio"].as_u64().unwrap()).collect();
+    marks.sort();
+    marks.dedup();
+    prios.dedup();
+    assert_eq!((marks.len(), prios.len()), (12, 12), "{status}");
+}
