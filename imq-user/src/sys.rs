@@ -209,7 +209,10 @@ pub fn find_bpffs(configured: Option<&Path>) -> Result<PathBuf> {
 }
 
 /// An exclusive `flock` held until drop: serializes concurrent imqctl invocations.
-pub struct Lock(#[allow(dead_code)] File);
+pub struct Lock {
+    /// Held only to keep the flock: it is released when the file is closed.
+    _file: File,
+}
 
 impl Lock {
     pub fn exclusive(dir: &Path) -> Result<Self> {
@@ -218,7 +221,7 @@ impl Lock {
         if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
             return Err(Error::io(format!("lock {}", dir.display()), io::Error::last_os_error()));
         }
-        Ok(Self(f))
+        Ok(Self { _file: f })
     }
 }
 
