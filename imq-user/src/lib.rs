@@ -185,6 +185,7 @@ impl Imq {
         }
 
         // Everything is decided; from here on, undo what was done if a step fails.
+        self.prune_gone(&mut state)?;
         let created_dev = dev_link.is_none();
         let dev_link = match dev_link {
             Some(l) => {
@@ -218,6 +219,28 @@ impl Imq {
             return Err(e);
         }
         Ok(Attached::Added { created_dev })
+    }
+
+    /// Forgets the rules of interfaces that no longer exist. Rules belong to an
+    /// interface instance (its ifindex): when it is deleted the kernel drops its TCX
+    /// links and tc filters, and what is left here are rules nothing can name and
+    /// counter slots in use. Mutating commands call this once their own input has been
+    /// accepted, so a refused command still changes nothing. Returns the rules removed.
+    fn prune_gone(&self, state: &mut State) -> Result<usize> {
+        let links = self.nl.links()?;
+        let mut removed = 0;
+        for (key, set) in state.all_rule_sets()? {
+            if links.iter().any(|l| l.index == key.ifindex) {
+                continue;
+            }
+            let Some(direction) = Direction::from_raw(key.direction) else {
+                continue;
+            };
+            state.set_rule_set(key.ifindex, direction, &RuleSet::empty())?;
+            state.detach(direction, key.ifindex)?;
+            removed += set.as_slice().len();
+        }
+        Ok(removed)
     }
 
     /// Makes sure the hook can send packets to `dev`: on ingress, the TCX program is
@@ -280,6 +303,7 @@ impl Imq {
         if plan.is_empty() {
             return Err(none());
         }
+        self.prune_gone(&mut state)?;
         let mut count = 0;
         for (direction, new, removed) in plan {
             // Rules first: from then on the hook selects nothing for what was removed.

@@ -257,3 +257,42 @@ fn concurrent_imqctl_runs_lose_no_rule() {
     prios.dedup();
     assert_eq!((marks.len(), prios.len()), (12, 12), "{status}");
 }
+
+/// Rules of an interface that is deleted are shown as gone, then forgotten by the next
+/// command that changes rules.
+#[test]
+fn rules_of_deleted_interfaces_are_forgotten() {
+    require_root();
+    let pair = Pair::new("gone").unwrap();
+    let s = &pair.server;
+    s.ip(&["link", "add", "vx", "type", "veth", "peer", "name", "vy"])
+        .unwrap();
+    s.imqctl_ok(&["attach", "vx"]);
+    s.imqctl_ok(&["attach", "vx", "--mark", "0x5", "-d", "both"]);
+    s.imqctl_ok(&["attach", "s0"]);
+    s.ip(&["link", "del", "vx"]).unwrap();
+
+    let status = show(s);
+    let gone: Vec<_> = status["rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["interface"].as_str().unwrap().starts_with("(gone"))
+        .collect();
+    assert_eq!(gone.len(), 3, "{status}");
+    assert!(gone.iter().all(|r| r["attached"] == false), "{status}");
+
+    // A refused command changes nothing, not even this housekeeping.
+    assert_ne!(s.imqctl(&["attach", "s0", "--mark", "0x1/0x2"]).code, 0);
+    assert_eq!(show(s), status);
+
+    s.imqctl_ok(&["attach", "s0", "--mark", "0x9"]);
+    let status = show(s);
+    let left: Vec<_> = status["rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["interface"].as_str().unwrap().to_owned(), r["prio"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(left, [("s0".to_owned(), 10), ("s0".to_owned(), 20)], "{status}");
+}
