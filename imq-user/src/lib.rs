@@ -16,7 +16,7 @@ use std::{
     path::PathBuf,
 };
 
-use imq_common::RuleSet;
+use imq_common::{DEVICE_DOWN, RuleSet};
 
 use serde::Serialize;
 
@@ -248,9 +248,9 @@ impl Imq {
     /// filter whose mirred action redirects to `dev`.
     fn hook_up(&self, state: &mut State, direction: Direction, link: &Link, dev: DevName) -> Result<()> {
         match direction {
-            Direction::Ingress => state.attach(direction, &link.name, link.index),
+            Direction::Ingress => state.attach_ingress(&link.name, link.index),
             Direction::Egress => {
-                let dev_ifindex = state.device(dev.0)?;
+                let dev_ifindex = state.device(dev.0)?.ifindex;
                 self.nl.ensure_clsact(link.index, &link.name)?;
                 let prog = state.program(Direction::Egress)?;
                 let fd = prog.fd().map_err(|e| Error::bpf("program fd", e))?;
@@ -371,9 +371,9 @@ impl Imq {
             match status.devices.iter_mut().find(|d| d.name == name) {
                 // Re-created behind imq's back: the rules still point at the old
                 // ifindex, so its traffic passes unshaped until `imqctl dev add`.
-                Some(d) if d.ifindex != table => d.state = "stale",
+                Some(d) if d.ifindex != table.ifindex => d.state = "stale",
                 // Down and imq does not know: what the rules select is dropped.
-                Some(d) if d.state == "down" && !state.marked_down(dev)? => d.state = "down-dropping",
+                Some(d) if d.state == "down" && table.flags & DEVICE_DOWN == 0 => d.state = "down-dropping",
                 Some(_) => {}
                 None => status.devices.push(DeviceStatus {
                     name,
@@ -451,12 +451,15 @@ impl Imq {
             return Ok(0);
         };
         let sets = state.all_rule_sets()?;
-        for (key, set) in &sets {
-            if key.direction == Direction::Egress.to_raw() {
-                for r in set.as_slice() {
-                    self.nl.del_egress_filter(key.ifindex, r.dev)?;
-                }
-            }
+        let mut filters: Vec<(u32, u32)> = sets
+            .iter()
+            .filter(|(key, _)| key.direction == Direction::Egress.to_raw())
+            .flat_map(|(key, set)| set.as_slice().iter().map(|r| (key.ifindex, r.dev)))
+            .collect();
+        filters.sort_unstable();
+        filters.dedup();
+        for (ifindex, dev) in filters {
+            self.nl.del_egress_filter(ifindex, dev)?;
         }
         let rules = sets.iter().map(|(_, s)| s.as_slice().len()).sum();
         state.destroy()?;

@@ -80,6 +80,14 @@ fn is_not_found(e: &aya::maps::MapError) -> bool {
     }
 }
 
+fn ensure_dir(dir: &Path) -> Result<()> {
+    match fs::create_dir(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(Error::io(format!("create {}", dir.display()), e)),
+    }
+}
+
 /// The lock every imqctl on the host takes, and this namespace's state directory;
 /// nothing opened or created yet. Checks that must not race with another imqctl
 /// (does the imq device exist?) go between taking it and opening the state.
@@ -99,11 +107,7 @@ impl Locked {
 
     /// Opens the state of this namespace, creating it if needed.
     pub fn open_or_create(self) -> Result<State> {
-        match fs::create_dir(&self.dir) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(Error::io(format!("create {}", self.dir.display()), e)),
-        }
+        ensure_dir(&self.dir)?;
         State::load(self.dir, self.lock)
     }
 }
@@ -112,11 +116,7 @@ impl State {
     /// Takes the host-wide imq lock (held until the state is dropped).
     pub fn lock(bpffs: Option<&Path>) -> Result<Locked> {
         let root = sys::find_bpffs(bpffs)?.join("imq");
-        match fs::create_dir(&root) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(Error::io(format!("create {}", root.display()), e)),
-        }
+        ensure_dir(&root)?;
         let lock = sys::Lock::exclusive(&root)?;
         Ok(Locked {
             dir: root.join(format!("net-{}", sys::netns_cookie()?)),
@@ -265,20 +265,10 @@ impl State {
         Ok(free)
     }
 
-    /// Whether the data path knows imq device number `dev` is down (and passes its
-    /// traffic).
-    pub fn marked_down(&mut self, dev: u32) -> Result<bool> {
+    /// The device table's entry for imq device number `dev` (ifindex 0: none).
+    pub fn device(&mut self, dev: u32) -> Result<Device> {
         self.devices_map()?
             .get(&dev, 0)
-            .map(|d| d.flags & DEVICE_DOWN != 0)
-            .map_err(|e| Error::bpf("read device table", e))
-    }
-
-    /// The device table's entry for imq device `dev` (0: none).
-    pub fn device(&mut self, dev: u32) -> Result<u32> {
-        self.devices_map()?
-            .get(&dev, 0)
-            .map(|d| d.ifindex)
             .map_err(|e| Error::bpf("read device table", e))
     }
 
@@ -343,19 +333,21 @@ impl State {
         self.dir.join(link_pin_name(direction, ifindex)).exists()
     }
 
-    /// Attaches the program to the interface's TCX hook (after the programs already
-    /// there) and pins the link, unless that was done before.
-    pub fn attach(&mut self, direction: Direction, ifname: &str, ifindex: u32) -> Result<()> {
+    /// Attaches the ingress program to the interface's TCX ingress hook (after the
+    /// programs already there) and pins the link, unless that was done before. (Egress
+    /// goes through cls_bpf + mirred, see imq_egress, not a TCX link.)
+    pub fn attach_ingress(&mut self, ifname: &str, ifindex: u32) -> Result<()> {
+        let direction = Direction::Ingress;
         if self.is_attached(direction, ifindex) {
             return Ok(());
         }
-        // Egress goes through cls_bpf + mirred (see imq_egress), not a TCX link.
-        if direction == Direction::Egress {
-            return Err(Error::Bpf("egress is attached with a tc filter, not a TCX link".into()));
-        }
-        let (mut prog, attach_type) = (self.program(direction)?, TcAttachType::Ingress);
+        let mut prog = self.program(direction)?;
         let id = prog
-            .attach_with_options(ifname, attach_type, TcAttachOptions::TcxOrder(LinkOrder::default()))
+            .attach_with_options(
+                ifname,
+                TcAttachType::Ingress,
+                TcAttachOptions::TcxOrder(LinkOrder::default()),
+            )
             .map_err(|e| Error::bpf(&format!("attach to {ifname} {direction}"), e))?;
         let link: FdLink = prog
             .take_link(id)
