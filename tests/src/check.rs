@@ -57,6 +57,19 @@ pub fn show(ns: &NetNs) -> Value {
     serde_json::from_str(&ns.imqctl_ok(&["show", "-j"])).expect("show -j is JSON")
 }
 
+/// `imqctl show -j` without the per-rule counters: the configuration alone. Counters
+/// move on their own (an MLD report or router solicitation a peer sends after link-up
+/// is selected like any other packet), so "changed nothing" compares this.
+pub fn config(ns: &NetNs) -> Value {
+    let mut status = show(ns);
+    for rule in status["rules"].as_array_mut().unwrap() {
+        let rule = rule.as_object_mut().unwrap();
+        rule.remove("packets");
+        rule.remove("bytes");
+    }
+    status
+}
+
 /// (packets, bytes) the device received, from its own counters. ifb counts in
 /// ifb_xmit, after the root qdisc: compare with imq's counters only through a qdisc
 /// that neither drops nor segments.

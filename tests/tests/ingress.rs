@@ -6,7 +6,7 @@
 
 use imq_tests::{
     Goodput, Pair,
-    check::{assert_between, assert_unshaped, dev_rx, goodput, links, rule_counters, show, tbf},
+    check::{assert_between, assert_unshaped, config, dev_rx, goodput, links, rule_counters, show, tbf},
     require_root,
 };
 use serde_json::Value;
@@ -172,7 +172,7 @@ fn bad_input_is_refused_and_changes_nothing() {
     s.ip(&["link", "add", "vx", "type", "veth", "peer", "name", "vy"])
         .unwrap();
 
-    let before = (show(s), links(s));
+    let before = (config(s), links(s));
     let cases: &[(&[&str], &str)] = &[
         (&["attach", "nosuch0"], "no interface 'nosuch0'"),
         (&["attach", "s0", "--mark", "0x1zz"], "invalid mark"),
@@ -206,7 +206,7 @@ fn bad_input_is_refused_and_changes_nothing() {
             line.starts_with("imqctl: ") && line.contains(expect),
             "imqctl {args:?}: {line:?}"
         );
-        assert_eq!((show(s), links(s)), before, "imqctl {args:?} changed something");
+        assert_eq!((config(s), links(s)), before, "imqctl {args:?} changed something");
     }
 
     // Without privileges: refused before anything is read or changed.
@@ -224,7 +224,7 @@ fn bad_input_is_refused_and_changes_nothing() {
         err.trim_end().lines().count() == 1 && err.contains("needs root"),
         "{err:?}"
     );
-    assert_eq!((show(s), links(s)), before, "unprivileged attach changed something");
+    assert_eq!((config(s), links(s)), before, "unprivileged attach changed something");
 }
 
 /// imqctl invocations are serialized: concurrent attaches on one interface (each a
@@ -272,7 +272,7 @@ fn rules_of_deleted_interfaces_are_forgotten() {
     s.imqctl_ok(&["attach", "s0"]);
     s.ip(&["link", "del", "vx"]).unwrap();
 
-    let status = show(s);
+    let status = config(s);
     let gone: Vec<_> = status["rules"]
         .as_array()
         .unwrap()
@@ -284,7 +284,7 @@ fn rules_of_deleted_interfaces_are_forgotten() {
 
     // A refused command changes nothing, not even this housekeeping.
     assert_ne!(s.imqctl(&["attach", "s0", "--mark", "0x1/0x2"]).code, 0);
-    assert_eq!(show(s), status);
+    assert_eq!(config(s), status);
 
     s.imqctl_ok(&["attach", "s0", "--mark", "0x9"]);
     let status = show(s);
