@@ -3,24 +3,49 @@
 //! Everything here is `#[repr(C)]`, free of padding and of fixed size, because it is
 //! the byte layout of BPF map keys and values. Sizes are asserted at compile time so
 //! that a change on one side cannot silently disagree with the other.
+//!
+//! # Classification: tuple space search
+//!
+//! The control plane compiles the rules of each hook (interface, direction) into
+//! *shapes*: a shape is one combination of matched fields and prefix lengths (a mask
+//! over [`FlowKey`]), and every rule becomes one entry, `(shape, key & mask) ->
+//! target`, in one hash map (a port range becomes one entry per aligned block). The
+//! data path parses a packet into a [`FlowKey`] once, then does one hash lookup per
+//! shape of its hook, never walking rules: 10,000 per-host rules are one shape and
+//! cost what one rule costs. Shapes are ordered by the lowest prio they hold, so the
+//! search stops as soon as no later shape can beat the best match so far. (The
+//! kernel's flower classifier is built the same way, a hash table per mask.)
+//!
+//! # Atomic changes
+//!
+//! Hooks and entries carry a generation, 0 or 1; [`ACTIVE_MAP`] holds the one the
+//! data path uses. A change writes the complete new rule set into the other
+//! generation, flips [`ACTIVE_MAP`], waits for an RCU grace period (no program still
+//! reads the old generation), then deletes the old one. A packet is classified
+//! entirely by the old rules or entirely by the new ones.
 #![no_std]
-
-/// Rules per (interface, direction). The data path walks at most this many entries,
-/// a bound the verifier can see.
-pub const MAX_RULES_PER_HOOK: usize = 32;
 
 /// imq devices are named `imq0` .. `imq{MAX_DEVICES - 1}`; the number indexes
 /// [`DEVICES_MAP`].
 pub const MAX_DEVICES: u32 = 256;
 
-/// Counter slots: one per rule, allocated by the control plane.
-pub const MAX_RULE_IDS: u32 = 4096;
+/// Rules in one network namespace, over all hooks; also the counter slots.
+pub const MAX_RULES: u32 = 65536;
 
-/// (interface, direction) pairs that can carry rules.
-pub const MAX_HOOKS: u32 = 1024;
+/// Shapes one hook may use. The data path does at most this many lookups per packet.
+pub const MAX_SHAPES: usize = 32;
+
+/// Entries of [`ENTRIES_MAP`], both generations together.
+pub const MAX_ENTRIES: u32 = 1 << 18;
+
+/// (interface, direction) pairs that can carry rules, times the two generations.
+pub const MAX_HOOKS: u32 = 2048;
 
 /// Map names, as the ELF declares them and as they are pinned.
 pub const RULES_MAP: &str = "imq_rules";
+pub const ACTIVE_MAP: &str = "imq_active";
+pub const HOOKS_MAP: &str = "imq_hooks";
+pub const ENTRIES_MAP: &str = "imq_entries";
 pub const DEVICES_MAP: &str = "imq_devices";
 pub const COUNTERS_MAP: &str = "imq_counters";
 
@@ -33,65 +58,183 @@ pub const IFB_CLOSE_PROG: &str = "imq_ifb_close";
 pub const DIRECTION_INGRESS: u32 = 0;
 pub const DIRECTION_EGRESS: u32 = 1;
 
-/// Key of [`RULES_MAP`]: the hook a rule set belongs to.
+/// What the data path knows about a packet. Addresses are in packet byte order (an
+/// IPv4 address fills the first of the four words); ports are in host order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct FlowKey {
+    /// skb->mark as the hook sees it.
+    pub mark: u32,
+    pub src: [u32; 4],
+    pub dst: [u32; 4],
+    pub sport: u16,
+    pub dport: u16,
+    /// 4 or 6.
+    pub family: u8,
+    /// The upper-layer protocol, after IPv6 extension headers; for a packet whose
+    /// extension headers could not all be walked, the header where the walk stopped.
+    pub proto: u8,
+    /// The 6-bit DSCP.
+    pub dscp: u8,
+    /// [`FLOW_PORTS`].
+    pub flags: u8,
+}
+
+/// [`FlowKey::flags`]: `sport`/`dport` hold the packet's ports. Not set for protocols
+/// without ports, non-first fragments and truncated transport headers, so a rule with
+/// ports (whose mask includes this flag) never matches them.
+pub const FLOW_PORTS: u8 = 1;
+
+impl FlowKey {
+    /// `self & mask`, field by field.
+    #[inline(always)]
+    pub fn masked(&self, mask: &FlowKey) -> FlowKey {
+        FlowKey {
+            mark: self.mark & mask.mark,
+            src: [
+                self.src[0] & mask.src[0],
+                self.src[1] & mask.src[1],
+                self.src[2] & mask.src[2],
+                self.src[3] & mask.src[3],
+            ],
+            dst: [
+                self.dst[0] & mask.dst[0],
+                self.dst[1] & mask.dst[1],
+                self.dst[2] & mask.dst[2],
+                self.dst[3] & mask.dst[3],
+            ],
+            sport: self.sport & mask.sport,
+            dport: self.dport & mask.dport,
+            family: self.family & mask.family,
+            proto: self.proto & mask.proto,
+            dscp: self.dscp & mask.dscp,
+            flags: self.flags & mask.flags,
+        }
+    }
+}
+
+/// One shape of a hook: the mask, and the lowest prio among its entries.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Shape {
+    pub mask: FlowKey,
+    pub min_prio: u32,
+}
+
+/// Key of [`HOOKS_MAP`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct HookKey {
     pub ifindex: u32,
     /// [`DIRECTION_INGRESS`] or [`DIRECTION_EGRESS`].
-    pub direction: u32,
+    pub direction: u16,
+    /// 0 or 1, see [`ACTIVE_MAP`].
+    pub generation: u16,
 }
 
-/// One selection rule. A packet matches when `(skb->mark & mark_mask) == mark_value`;
-/// a rule without a mark has both at zero and matches every IPv4/IPv6 packet.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub struct Rule {
-    pub mark_value: u32,
-    pub mark_mask: u32,
-    /// imq device number: the packet goes to `imq{dev}`, resolved through [`DEVICES_MAP`].
-    pub dev: u32,
-    /// Counter slot in [`COUNTERS_MAP`].
-    pub id: u32,
-    /// User-visible order; rules are stored sorted by it.
-    pub prio: u32,
-    /// Reserved, zero.
-    pub flags: u32,
-}
-
-/// Value of [`RULES_MAP`]: the ordered rules of one hook. The control plane replaces
-/// the whole value in one map update, so the data path sees either the old or the new
-/// set, never a mix.
+/// Value of [`HOOKS_MAP`]: the shapes of one hook, by ascending `min_prio`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct RuleSet {
+pub struct Hook {
     pub len: u32,
     pub _reserved: u32,
-    pub rules: [Rule; MAX_RULES_PER_HOOK],
+    pub shapes: [Shape; MAX_SHAPES],
 }
 
-impl RuleSet {
+impl Hook {
     pub const fn empty() -> Self {
         Self {
             len: 0,
             _reserved: 0,
-            rules: [Rule {
-                mark_value: 0,
-                mark_mask: 0,
-                dev: 0,
-                id: 0,
-                prio: 0,
-                flags: 0,
-            }; MAX_RULES_PER_HOOK],
+            shapes: [Shape {
+                mask: FlowKey {
+                    mark: 0,
+                    src: [0; 4],
+                    dst: [0; 4],
+                    sport: 0,
+                    dport: 0,
+                    family: 0,
+                    proto: 0,
+                    dscp: 0,
+                    flags: 0,
+                },
+                min_prio: 0,
+            }; MAX_SHAPES],
         }
     }
-
-    /// The rules in use.
-    pub fn as_slice(&self) -> &[Rule] {
-        let len = (self.len as usize).min(MAX_RULES_PER_HOOK);
-        &self.rules[..len]
-    }
 }
+
+/// Key of [`ENTRIES_MAP`]: a hook, one of its shapes, and a masked packet key.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct EntryKey {
+    pub hook: HookKey,
+    /// Index into [`Hook::shapes`].
+    pub shape: u32,
+    pub flow: FlowKey,
+}
+
+/// Value of [`ENTRIES_MAP`]: the rule a packet matching the entry selects (the one
+/// with the lowest prio, where several rules share an entry), and what it does.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Target {
+    pub prio: u32,
+    /// Counter slot in [`COUNTERS_MAP`], and key in [`RULES_MAP`].
+    pub rule_id: u32,
+    /// imq device number: the packet goes to `imq{dev}`, resolved through [`DEVICES_MAP`].
+    pub dev: u32,
+    /// [`TARGET_SET_MARK`], [`TARGET_SET_PRIORITY`].
+    pub flags: u32,
+    /// skb->mark = (skb->mark & !set_mark_mask) | set_mark_value.
+    pub set_mark_value: u32,
+    pub set_mark_mask: u32,
+    /// skb->priority, a tc classid (MAJOR << 16 | MINOR).
+    pub priority: u32,
+    pub _reserved: u32,
+}
+
+pub const TARGET_SET_MARK: u32 = 1;
+pub const TARGET_SET_PRIORITY: u32 = 2;
+
+/// Value of [`RULES_MAP`], by rule id: a rule as the user wrote it. Only the control
+/// plane reads it; the data path uses what it was compiled into.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct RuleSpec {
+    pub ifindex: u32,
+    pub direction: u32,
+    pub prio: u32,
+    pub dev: u32,
+    /// [`SPEC_MARK`] ... : which of the fields below are set.
+    pub flags: u32,
+    pub mark_value: u32,
+    pub mark_mask: u32,
+    pub set_mark_value: u32,
+    pub set_mark_mask: u32,
+    pub classid: u32,
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub sport: [u16; 2],
+    pub dport: [u16; 2],
+    /// 0 (no address matched), 4 or 6.
+    pub family: u8,
+    pub src_len: u8,
+    pub dst_len: u8,
+    pub proto: u8,
+    pub dscp: u8,
+    pub _reserved: [u8; 3],
+}
+
+pub const SPEC_MARK: u32 = 1 << 0;
+pub const SPEC_SRC: u32 = 1 << 1;
+pub const SPEC_DST: u32 = 1 << 2;
+pub const SPEC_PROTO: u32 = 1 << 3;
+pub const SPEC_SPORT: u32 = 1 << 4;
+pub const SPEC_DPORT: u32 = 1 << 5;
+pub const SPEC_DSCP: u32 = 1 << 6;
+pub const SPEC_SET_MARK: u32 = 1 << 7;
+pub const SPEC_CLASSID: u32 = 1 << 8;
 
 /// Value of [`DEVICES_MAP`], indexed by device number. `ifindex == 0`: no such device;
 /// [`DEVICE_DOWN`] set: the device is down. Either way selected packets pass unshaped.
@@ -114,9 +257,13 @@ pub struct Counters {
 }
 
 const _: () = {
+    assert!(core::mem::size_of::<FlowKey>() == 44);
+    assert!(core::mem::size_of::<Shape>() == 48);
     assert!(core::mem::size_of::<HookKey>() == 8);
-    assert!(core::mem::size_of::<Rule>() == 24);
-    assert!(core::mem::size_of::<RuleSet>() == 8 + 24 * MAX_RULES_PER_HOOK);
+    assert!(core::mem::size_of::<Hook>() == 8 + 48 * MAX_SHAPES);
+    assert!(core::mem::size_of::<EntryKey>() == 56);
+    assert!(core::mem::size_of::<Target>() == 32);
+    assert!(core::mem::size_of::<RuleSpec>() == 88);
     assert!(core::mem::size_of::<Device>() == 8);
     assert!(core::mem::size_of::<Counters>() == 16);
 };
@@ -125,9 +272,13 @@ const _: () = {
 mod pod {
     // SAFETY: all of these are #[repr(C)], made only of integers, without padding
     // (sizes asserted above), so every bit pattern is a valid value.
+    unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::Shape {}
     unsafe impl aya::Pod for super::HookKey {}
-    unsafe impl aya::Pod for super::Rule {}
-    unsafe impl aya::Pod for super::RuleSet {}
+    unsafe impl aya::Pod for super::Hook {}
+    unsafe impl aya::Pod for super::EntryKey {}
+    unsafe impl aya::Pod for super::Target {}
+    unsafe impl aya::Pod for super::RuleSpec {}
     unsafe impl aya::Pod for super::Device {}
     unsafe impl aya::Pod for super::Counters {}
 }

@@ -1,10 +1,12 @@
 //! imq data path: TC programs that send selected packets into imq (ifb) devices.
 //!
-//! Ingress: a TCX ingress program looks up the rule set of the interface and, on the
-//! first match, `bpf_redirect`s the packet into the rule's imq device. After the imq
+//! Ingress: a TCX ingress program classifies the packet by the rules of its interface
+//! and, on a match, `bpf_redirect`s it into the rule's imq device. After the imq
 //! device's qdisc, ifb re-injects it with `netif_receive_skb` on the original device,
 //! and `skb_skip_tc_classify` keeps the TC ingress hook from running on it again, so a
 //! packet is queued at most once (ifb_ri_tasklet, __netif_receive_skb_core).
+//!
+//! How rules are searched (shapes, generations) is described in imq-common.
 #![no_std]
 #![no_main]
 
@@ -15,27 +17,41 @@ use aya_ebpf::{
         generated::{bpf_check_mtu, bpf_redirect},
     },
     macros::{classifier, fentry, map},
-    maps::{Array, HashMap, PerCpuArray},
+    maps::{Array, HashMap, PerCpuHashMap},
     programs::{FEntryContext, TcContext},
 };
 use imq_common::{
-    Counters, DEVICE_DOWN, DIRECTION_EGRESS, DIRECTION_INGRESS, Device, HookKey, MAX_DEVICES, MAX_HOOKS, MAX_RULE_IDS,
-    MAX_RULES_PER_HOOK, RuleSet,
+    Counters, DEVICE_DOWN, DIRECTION_EGRESS, DIRECTION_INGRESS, Device, EntryKey, FLOW_PORTS, FlowKey, Hook, HookKey,
+    MAX_DEVICES, MAX_ENTRIES, MAX_HOOKS, MAX_RULES, MAX_SHAPES, RuleSpec, TARGET_SET_MARK, TARGET_SET_PRIORITY, Target,
 };
 
-/// Rule sets by hook. Not preallocated: an update then links a fresh element and frees
-/// the old one only after an RCU grace period, so a program still reading the old set
-/// never sees it rewritten under it (htab_map_update_elem).
+/// The generation in use (index 0). Only ever 0 or 1, so a reader racing the flip
+/// sees one of the two whole values (only the low byte changes).
+#[map(name = "imq_active")]
+static ACTIVE: Array<u32> = Array::with_max_entries(1, 0);
+
+/// Shapes by hook and generation. Not preallocated: an update links a fresh element
+/// and frees the old one after an RCU grace period (htab_map_update_elem), so a
+/// program reading it never sees it rewritten.
+#[map(name = "imq_hooks")]
+static HOOKS: HashMap<HookKey, Hook> = HashMap::with_max_entries(MAX_HOOKS, BPF_F_NO_PREALLOC);
+
+/// (hook, shape, masked key) -> target.
+#[map(name = "imq_entries")]
+static ENTRIES: HashMap<EntryKey, Target> = HashMap::with_max_entries(MAX_ENTRIES, BPF_F_NO_PREALLOC);
+
+/// The rules as written, by id. The control plane's record; never read here.
 #[map(name = "imq_rules")]
-static RULES: HashMap<HookKey, RuleSet> = HashMap::with_max_entries(MAX_HOOKS, BPF_F_NO_PREALLOC);
+static RULES: HashMap<u32, RuleSpec> = HashMap::with_max_entries(MAX_RULES, BPF_F_NO_PREALLOC);
 
 /// imq device number -> ifindex.
 #[map(name = "imq_devices")]
 static DEVICES: Array<Device> = Array::with_max_entries(MAX_DEVICES, 0);
 
-/// Per-rule packets and bytes sent to the imq device, per CPU.
+/// Per-rule packets and bytes sent to the imq device, per CPU. The control plane
+/// creates a rule's slot (zeroed) before the rule can match and deletes it after.
 #[map(name = "imq_counters")]
-static COUNTERS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(MAX_RULE_IDS, 0);
+static COUNTERS: PerCpuHashMap<u32, Counters> = PerCpuHashMap::with_max_entries(MAX_RULES, BPF_F_NO_PREALLOC);
 
 /// TCX verdict "not mine": the next TCX program, then classic tc filters, still run.
 const TCX_NEXT: i32 = TC_ACT_UNSPEC;
@@ -49,11 +65,23 @@ const ETH_P_IPV6: u16 = 0x86dd;
 const IPV4_MIN_HLEN: usize = 20;
 const IPV6_HLEN: usize = 40;
 
+const IPPROTO_HOPOPTS: u8 = 0;
+const IPPROTO_TCP: u8 = 6;
+const IPPROTO_UDP: u8 = 17;
+const IPPROTO_ROUTING: u8 = 43;
+const IPPROTO_FRAGMENT: u8 = 44;
+const IPPROTO_AH: u8 = 51;
+const IPPROTO_DSTOPTS: u8 = 60;
+const IPPROTO_SCTP: u8 = 132;
+const IPPROTO_UDPLITE: u8 = 136;
+/// IPv6 extension headers walked before giving up on reaching the transport header.
+const MAX_EXT_HEADERS: usize = 8;
+
 #[classifier]
 pub fn imq_ingress(ctx: TcContext) -> i32 {
     match select(&ctx, DIRECTION_INGRESS) {
         Some(sel) => {
-            count(sel.rule_id, ctx.len());
+            act(&ctx, &sel);
             // SAFETY: plain helper call; the verdict it returns (TC_ACT_REDIRECT, or
             // TC_ACT_SHOT for bad flags, which we never pass) is handed to the kernel.
             unsafe { bpf_redirect(sel.ifindex, 0) as i32 }
@@ -86,99 +114,189 @@ pub fn imq_egress(ctx: TcContext) -> i32 {
     match select(&ctx, DIRECTION_EGRESS) {
         // Also covers a packet re-injected by another imq device whose filter comes
         // later: never selected, never counted twice.
-        Some(sel) if sel.dev == filter_dev && came_from != sel.ifindex => {
-            count(sel.rule_id, ctx.len());
+        Some(sel) if sel.target.dev == filter_dev && came_from != sel.ifindex => {
+            act(&ctx, &sel);
             CLS_MATCH
         }
         _ => CLS_NO_MATCH,
     }
 }
 
-/// What the first matching rule decided.
+/// What the first matching rule decided, and the ifindex of its imq device.
 struct Selection {
-    /// imq device number and its ifindex.
-    dev: u32,
+    target: Target,
     ifindex: u32,
-    rule_id: u32,
+}
+
+/// The rule's actions, on a packet that is being sent to its imq device.
+#[inline(always)]
+fn act(ctx: &TcContext, sel: &Selection) {
+    let t = &sel.target;
+    // SAFETY: ctx.skb.skb is the context pointer; mark and priority are fields a
+    // SCHED_CLS program may write.
+    unsafe {
+        let skb = ctx.skb.skb;
+        if t.flags & TARGET_SET_MARK != 0 {
+            (*skb).mark = ((*skb).mark & !t.set_mark_mask) | t.set_mark_value;
+        }
+        if t.flags & TARGET_SET_PRIORITY != 0 {
+            (*skb).priority = t.priority;
+        }
+    }
+    count(t.rule_id, ctx.len());
 }
 
 /// The imq device the packet is selected for, if any.
 ///
 /// Every "no" is deliberate and leaves the packet untouched: not IPv4/IPv6, a header
 /// too short to be a real packet, no rules on this hook, no rule matching, or a target
-/// device that does not exist (pass unshaped rather than drop, as IMQ did).
+/// device that does not exist or is down (pass unshaped rather than drop, as IMQ did).
 #[inline(always)]
 fn select(ctx: &TcContext, direction: u32) -> Option<Selection> {
-    if !is_ip(ctx) {
+    // SAFETY: ctx.skb.skb is the context pointer the kernel gave this program.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    let generation = *ACTIVE.get(0)?;
+    let hook = HookKey {
+        ifindex,
+        direction: direction as u16,
+        generation: generation as u16,
+    };
+    // SAFETY: the value is only read, and an update replaces the element instead of
+    // writing into it (see HOOKS).
+    let shapes = unsafe { HOOKS.get(hook) }?;
+    let flow = parse(ctx)?;
+    let target = search(hook, shapes, &flow)?;
+    let dev = DEVICES.get(target.dev).copied().unwrap_or_default();
+    if dev.ifindex == 0 || dev.flags & DEVICE_DOWN != 0 || !device_exists(ctx, dev.ifindex) {
         return None;
     }
-    // SAFETY: ctx.skb.skb is the context pointer the kernel gave this program.
-    let (ifindex, mark) = unsafe { ((*ctx.skb.skb).ifindex, (*ctx.skb.skb).mark) };
-    let key = HookKey { ifindex, direction };
-    // SAFETY: the value is only read, and an update replaces the element instead of
-    // writing into it (see RULES).
-    let set = unsafe { RULES.get(key) }?;
-    let len = set.len as usize;
-    for i in 0..MAX_RULES_PER_HOOK {
+    Some(Selection {
+        target,
+        ifindex: dev.ifindex,
+    })
+}
+
+/// The lowest-prio entry matching `flow` over the hook's shapes: one lookup per shape,
+/// stopping at the first shape whose rules all come after the best match so far.
+#[inline(always)]
+fn search(hook: HookKey, shapes: &Hook, flow: &FlowKey) -> Option<Target> {
+    let mut best: Option<Target> = None;
+    let len = shapes.len as usize;
+    for i in 0..MAX_SHAPES {
         if i >= len {
             break;
         }
-        let rule = &set.rules[i];
-        if mark & rule.mark_mask != rule.mark_value {
-            continue;
+        let shape = &shapes.shapes[i];
+        if best.is_some_and(|b| b.prio <= shape.min_prio) {
+            break;
         }
-        let dev = DEVICES.get(rule.dev).copied().unwrap_or_default();
-        if dev.ifindex == 0 || dev.flags & DEVICE_DOWN != 0 || !device_exists(ctx, dev.ifindex) {
-            return None;
-        }
-        let dev_ifindex = dev.ifindex;
-        return Some(Selection {
-            dev: rule.dev,
-            ifindex: dev_ifindex,
-            rule_id: rule.id,
-        });
-    }
-    None
-}
-
-/// Only real IPv4/IPv6 packets are candidates: the Ethernet type says so and the
-/// fixed header is present with the right version. ARP, in-band VLAN tags and other
-/// frames are never queued. `load` copies through bpf_skb_load_bytes, so a header in
-/// a non-linear part is read correctly, and a short packet fails the load.
-#[inline(always)]
-fn is_ip(ctx: &TcContext) -> bool {
-    // Direct access to the linear data: no helper call. The headers are almost always
-    // there; when the linear part is shorter than the packet, copy them out instead.
-    let (data, end) = (ctx.data(), ctx.data_end());
-    if data + ETH_HLEN + IPV6_HLEN <= end {
-        // SAFETY: within [data, end), checked just above (IPV6_HLEN >= IPV4_MIN_HLEN).
-        let (proto, first) = unsafe {
-            (
-                u16::from_be(core::ptr::read_unaligned((data + 12) as *const u16)),
-                *((data + ETH_HLEN) as *const u8),
-            )
+        let key = EntryKey {
+            hook,
+            shape: i as u32,
+            flow: flow.masked(&shape.mask),
         };
-        return ip_header_complete(ctx, proto, first, end - data);
+        // SAFETY: read-only use of the value; see HOOKS for why it is stable.
+        if let Some(t) = unsafe { ENTRIES.get(&key) }
+            && best.is_none_or(|b| t.prio < b.prio)
+        {
+            best = Some(*t);
+        }
     }
-    let (Ok(proto), Ok(first)) = (ctx.load::<u16>(12), ctx.load::<u8>(ETH_HLEN)) else {
-        return false;
-    };
-    ip_header_complete(ctx, u16::from_be(proto), first, ctx.len() as usize)
+    best
 }
 
-/// `linear`: bytes readable directly; more may be in the packet (skb->len).
+/// The packet's [`FlowKey`], or `None` for what is not a complete IPv4/IPv6 header
+/// behind an Ethernet header: ARP, in-band VLAN tags and other frames are never
+/// queued. Reads go through bpf_skb_load_bytes, so headers in a non-linear part are
+/// read correctly and a short packet fails the read.
 #[inline(always)]
-fn ip_header_complete(ctx: &TcContext, proto: u16, first: u8, linear: usize) -> bool {
-    let (version, need) = match proto {
-        // The whole header as IHL declares it, options included.
-        ETH_P_IP => (4, usize::from(first & 0xf) * 4),
-        ETH_P_IPV6 => (6, IPV6_HLEN),
-        _ => return false,
+fn parse(ctx: &TcContext) -> Option<FlowKey> {
+    let ethertype = u16::from_be(ctx.load::<u16>(12).ok()?);
+    // SAFETY: ctx.skb.skb is the context pointer the kernel gave this program.
+    let mark = unsafe { (*ctx.skb.skb).mark };
+    let mut flow = FlowKey {
+        mark,
+        ..FlowKey::default()
     };
-    if first >> 4 != version || need < IPV4_MIN_HLEN {
-        return false;
+    let (proto, l4, first_fragment) = match ethertype {
+        ETH_P_IP => parse_ipv4(ctx, &mut flow)?,
+        ETH_P_IPV6 => parse_ipv6(ctx, &mut flow)?,
+        _ => return None,
+    };
+    flow.proto = proto;
+    if first_fragment && matches!(proto, IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP | IPPROTO_UDPLITE) {
+        // Truncated transport header: no ports, so no port rule matches.
+        if let Ok(ports) = ctx.load::<[u8; 4]>(l4) {
+            flow.sport = u16::from_be_bytes([ports[0], ports[1]]);
+            flow.dport = u16::from_be_bytes([ports[2], ports[3]]);
+            flow.flags |= FLOW_PORTS;
+        }
     }
-    ETH_HLEN + need <= linear || ctx.load::<u8>(ETH_HLEN + need - 1).is_ok()
+    Some(flow)
+}
+
+/// Fills addresses and DSCP; returns (protocol, transport header offset, whether
+/// the transport header is in this packet: not a non-first fragment).
+#[inline(always)]
+fn parse_ipv4(ctx: &TcContext, flow: &mut FlowKey) -> Option<(u8, usize, bool)> {
+    let h = ctx.load::<[u8; IPV4_MIN_HLEN]>(ETH_HLEN).ok()?;
+    let hlen = usize::from(h[0] & 0xf) * 4;
+    if h[0] >> 4 != 4 || hlen < IPV4_MIN_HLEN {
+        return None;
+    }
+    // The whole header as IHL declares it, options included.
+    ctx.load::<u8>(ETH_HLEN + hlen - 1).ok()?;
+    flow.family = 4;
+    flow.dscp = h[1] >> 2;
+    flow.src[0] = u32::from_ne_bytes([h[12], h[13], h[14], h[15]]);
+    flow.dst[0] = u32::from_ne_bytes([h[16], h[17], h[18], h[19]]);
+    let fragment_offset = u16::from_be_bytes([h[6], h[7]]) & 0x1fff;
+    Some((h[9], ETH_HLEN + hlen, fragment_offset == 0))
+}
+
+/// As [`parse_ipv4`], walking at most [`MAX_EXT_HEADERS`] extension headers.
+#[inline(always)]
+fn parse_ipv6(ctx: &TcContext, flow: &mut FlowKey) -> Option<(u8, usize, bool)> {
+    let h = ctx.load::<[u8; IPV6_HLEN]>(ETH_HLEN).ok()?;
+    if h[0] >> 4 != 6 {
+        return None;
+    }
+    flow.family = 6;
+    flow.dscp = ((h[0] & 0xf) << 2) | (h[1] >> 6);
+    for i in 0..4 {
+        flow.src[i] = u32::from_ne_bytes([h[8 + 4 * i], h[9 + 4 * i], h[10 + 4 * i], h[11 + 4 * i]]);
+        flow.dst[i] = u32::from_ne_bytes([h[24 + 4 * i], h[25 + 4 * i], h[26 + 4 * i], h[27 + 4 * i]]);
+    }
+    let mut next = h[6];
+    let mut off = ETH_HLEN + IPV6_HLEN;
+    let mut first_fragment = true;
+    for _ in 0..MAX_EXT_HEADERS {
+        let len = match next {
+            IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS | IPPROTO_AH | IPPROTO_FRAGMENT => {
+                // Next header, then the length (8-octet units; 4-octet units for AH).
+                let Ok(e) = ctx.load::<[u8; 4]>(off) else {
+                    // Truncated: the protocol stays the header we could not read.
+                    return Some((next, off, false));
+                };
+                let len = match next {
+                    IPPROTO_FRAGMENT => {
+                        if u16::from_be_bytes([e[2], e[3]]) & 0xfff8 != 0 {
+                            first_fragment = false;
+                        }
+                        8
+                    }
+                    IPPROTO_AH => (usize::from(e[1]) + 2) * 4,
+                    _ => (usize::from(e[1]) + 1) * 8,
+                };
+                next = e[0];
+                len
+            }
+            _ => return Some((next, off, first_fragment)),
+        };
+        off += len;
+    }
+    // Too many extension headers: the transport header was not reached.
+    Some((next, off, false))
 }
 
 /// A deleted imq device must not blackhole traffic: bpf_redirect to a missing ifindex

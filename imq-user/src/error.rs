@@ -1,6 +1,6 @@
 use std::{io, path::PathBuf};
 
-use crate::rule::{Direction, Mark};
+use crate::rule::{Direction, Selector};
 
 /// Everything imq can refuse or fail at. Each message is one line a network admin can
 /// act on; `imqctl` prints it as is.
@@ -10,6 +10,14 @@ pub enum Error {
     InvalidMark { input: String, reason: &'static str },
     #[error("invalid imq device name '{0}': imq devices are named imq0 .. imq255")]
     InvalidDevName(String),
+    #[error("invalid {what} '{input}': {reason}")]
+    Invalid {
+        what: &'static str,
+        input: String,
+        reason: &'static str,
+    },
+    #[error("impossible match: {0}")]
+    BadMatch(String),
     #[error("invalid direction '{0}': expected ingress, egress or both")]
     InvalidDirection(String),
     #[error("invalid txqueuelen {0}: use 1000 or more, ifb's default of 32 drops bursts")]
@@ -43,20 +51,24 @@ pub enum Error {
         direction: Direction,
         prio: u32,
     },
-    #[error("{iface} {direction} already has {max} rules, the most one interface and direction can hold")]
-    TooManyRules {
-        iface: String,
-        direction: Direction,
-        max: usize,
-    },
-    #[error("all {0} rule counters are in use: detach rules first")]
-    NoFreeRuleId(u32),
-    #[error("no imq rule on {iface} {direction}{}", mark.map(|m| format!(" with mark {m}")).unwrap_or_default())]
+    #[error(
+        "{hook}: the rules need {shapes} match shapes, at most {max} (a shape is one combination of matched fields, prefix lengths and aligned port blocks)"
+    )]
+    TooManyShapes { hook: String, shapes: usize, max: usize },
+    #[error("the rules compile to {entries} entries, at most {max} (port ranges count once per aligned block)")]
+    TooManyEntries { entries: usize, max: usize },
+    #[error("a namespace holds at most {0} rules")]
+    TooManyRules(u32),
+    #[error("no imq rule on {iface} {direction}{selector}")]
     NoSuchRule {
         iface: String,
         direction: String,
-        mark: Option<Mark>,
+        selector: Selector,
     },
+    #[error("imq state in {0} has an older layout: flush it with the imqctl that made it, or remove the directory")]
+    OldLayout(PathBuf),
+    #[error("line {line}: {message}")]
+    RuleFile { line: usize, message: String },
     #[error("no imq device {0} in this network namespace")]
     NoSuchDevice(String),
     #[error("{dev} still receives traffic from {rules} rule(s): detach them first")]

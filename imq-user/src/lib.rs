@@ -5,25 +5,30 @@
 //! touches the kernel; a refused operation changes nothing.
 
 mod btf;
+pub mod compile;
 pub mod error;
 pub mod netlink;
 pub mod rule;
+pub mod rulefile;
 mod state;
 mod sys;
 
 use std::{
+    collections::BTreeSet,
     os::fd::{AsFd as _, AsRawFd as _},
     path::PathBuf,
 };
 
-use imq_common::{DEVICE_DOWN, RuleSet};
+use imq_common::{DEVICE_DOWN, MAX_RULES};
 
 use serde::Serialize;
 
 pub use crate::error::{Error, Result};
 use crate::{
+    compile::{Compiled, compile},
     netlink::{Link, Netlink},
-    rule::{DevName, Direction, Directions, Insert, Mark},
+    rule::{Actions, DevName, Direction, Directions, Insert, Match, NewRule, Rule, Selector},
+    rulefile::FileRule,
     state::State,
 };
 
@@ -47,7 +52,8 @@ pub struct AttachRequest {
     pub interface: String,
     pub directions: Directions,
     pub dev: DevName,
-    pub mark: Option<Mark>,
+    pub matches: Match,
+    pub actions: Actions,
     pub prio: Option<u32>,
 }
 
@@ -81,8 +87,10 @@ pub struct RuleStatus {
     pub direction: Direction,
     pub prio: u32,
     pub dev: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub mark: Option<Mark>,
+    #[serde(flatten)]
+    pub matches: Match,
+    #[serde(flatten)]
+    pub actions: Actions,
     /// Whether the program is attached to the interface (false if it has gone).
     pub attached: bool,
     pub packets: u64,
@@ -103,6 +111,38 @@ pub struct Status {
 pub struct Imq {
     opts: Options,
     nl: Netlink,
+}
+
+/// What a hook needs in the kernel for its rules to see packets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Need {
+    /// The ingress program attached to the interface (TCX).
+    Ingress(u32),
+    /// The interface's egress filter that redirects to imq device `dev`.
+    Egress { ifindex: u32, dev: DevName },
+}
+
+fn needs(rules: &[(u32, Rule)]) -> BTreeSet<Need> {
+    rules
+        .iter()
+        .map(|(_, r)| match r.direction {
+            Direction::Ingress => Need::Ingress(r.ifindex),
+            Direction::Egress => Need::Egress {
+                ifindex: r.ifindex,
+                dev: r.dev,
+            },
+        })
+        .collect()
+}
+
+/// The `n` lowest rule ids `rules` does not use.
+fn free_ids(rules: &[(u32, Rule)], n: usize) -> Result<Vec<u32>> {
+    let used: BTreeSet<u32> = rules.iter().map(|(id, _)| *id).collect();
+    let free: Vec<u32> = (0..MAX_RULES).filter(|i| !used.contains(i)).take(n).collect();
+    if free.len() < n {
+        return Err(Error::TooManyRules(MAX_RULES));
+    }
+    Ok(free)
 }
 
 impl Imq {
@@ -126,22 +166,7 @@ impl Imq {
             .nl
             .link_by_name(name)?
             .ok_or_else(|| Error::NoSuchInterface(name.to_owned()))?;
-        if link.is_ifb() {
-            return Err(if name.parse::<DevName>().is_ok() {
-                Error::ImqAsInterface(name.to_owned())
-            } else {
-                Error::IfbAsInterface(name.to_owned())
-            });
-        }
-        if name.parse::<DevName>().is_ok() {
-            return Err(Error::ImqAsInterface(name.to_owned()));
-        }
-        if !link.is_ether {
-            return Err(Error::NotEthernet {
-                name: name.to_owned(),
-                link_type: link.link_type,
-            });
-        }
+        check_source(&link)?;
         Ok(link)
     }
 
@@ -157,99 +182,105 @@ impl Imq {
         }
     }
 
-    pub fn attach(&mut self, req: &AttachRequest) -> Result<Attached> {
-        let link = self.source_interface(&req.interface)?;
-        // Whether the device exists is decided under the lock: two attaches at once
-        // must not both set out to create it.
-        let locked = State::lock(self.bpffs())?;
-        let dev_link = self.existing_dev(req.dev)?;
-
-        // Plan every direction before changing anything.
-        let mut state = locked.open_or_create()?;
-        let directions: Vec<Direction> = req.directions.iter().collect();
-        let ids = state.free_rule_ids(directions.len())?;
-        let mut plans = Vec::new();
-        for (&direction, id) in directions.iter().zip(ids) {
-            let old = state.rule_set(link.index, direction)?;
-            match rule::insert(&old, &link.name, direction, req.mark, req.dev, req.prio, id)? {
-                Insert::Unchanged => {}
-                Insert::Changed(new) => plans.push((direction, old, *new, id)),
-            }
-        }
-        if plans.is_empty() {
-            // Repairs hooks whose program or filter was removed behind our back.
-            for &direction in &directions {
-                self.hook_up(&mut state, direction, &link, req.dev)?;
-            }
-            return Ok(Attached::Unchanged);
-        }
-
-        // Everything is decided; from here on, undo what was done if a step fails.
-        self.prune_gone(&mut state)?;
-        let created_dev = dev_link.is_none();
-        let dev_link = match dev_link {
-            Some(l) => {
-                if !l.up {
-                    self.nl.set_up(l.index)?;
-                }
-                l
-            }
-            None => self.nl.add_ifb(&req.dev.to_string(), DEFAULT_TXQUEUELEN)?,
-        };
-        let mut done = Vec::new();
+    /// Makes sure the devices exist and are up, creating the missing ones, and points
+    /// the device table at them. Returns the ifindexes of the devices it created.
+    fn ensure_devs(&self, state: &mut State, devs: &[(DevName, Option<Link>)]) -> Result<Vec<u32>> {
+        let mut created = Vec::new();
         let result = (|| {
-            state.set_device(req.dev.0, dev_link.index, true)?;
-            for (direction, old, new, id) in &plans {
-                state.reset_counters(*id)?;
-                done.push((*direction, *old));
-                // The hook first: it selects nothing until the new rules are in.
-                self.hook_up(&mut state, *direction, &link, req.dev)?;
-                state.set_rule_set(link.index, *direction, new)?;
+            for (dev, link) in devs {
+                let link = match link {
+                    Some(l) => {
+                        if !l.up {
+                            self.nl.set_up(l.index)?;
+                        }
+                        l.clone()
+                    }
+                    None => {
+                        let l = self.nl.add_ifb(&dev.to_string(), DEFAULT_TXQUEUELEN)?;
+                        created.push(l.index);
+                        l
+                    }
+                };
+                state.set_device(dev.0, link.index, true)?;
             }
             Ok(())
         })();
-        if let Err(e) = result {
-            for (direction, old) in done {
-                let _ = state.set_rule_set(link.index, direction, &old);
-                let _ = self.hook_down(&mut state, direction, link.index, &old, req.dev);
+        match result {
+            Ok(()) => Ok(created),
+            Err(e) => {
+                for &index in &created {
+                    let _ = self.nl.del_link(index);
+                }
+                Err(e)
             }
-            if created_dev {
-                let _ = self.nl.del_link(dev_link.index);
+        }
+    }
+
+    /// Compiles `new`, refusing it (before any change) if it cannot be.
+    fn compile(&self, links: &[Link], new: &[(u32, Rule)]) -> Result<Compiled> {
+        let name = |i: u32| {
+            links
+                .iter()
+                .find(|l| l.index == i)
+                .map_or_else(|| format!("ifindex {i}"), |l| l.name.clone())
+        };
+        compile(new.iter().map(|(id, r)| (*id, r)), name)
+    }
+
+    /// Moves the namespace from its rules `old` to `new`: what `new` needs is set up
+    /// first (it selects nothing until the commit), then the rules are switched in
+    /// one step, then what only `old` needed is taken down. On failure before the
+    /// switch, what was set up is taken down again and the old rules stay.
+    fn transition(
+        &self,
+        state: &mut State,
+        links: &[Link],
+        old: &[(u32, Rule)],
+        new: &[(u32, Rule)],
+        compiled: &Compiled,
+    ) -> Result<()> {
+        let exists = |i: u32| links.iter().any(|l| l.index == i);
+        let (before, after) = (needs(old), needs(new));
+        let mut raised = Vec::new();
+        let result = (|| {
+            for &need in &after {
+                if !before.contains(&need) {
+                    raised.push(need);
+                }
+                // Also repairs what was removed behind imq's back.
+                self.raise(state, links, need)?;
+            }
+            state.commit(new, compiled)
+        })();
+        if let Err(e) = result {
+            for need in raised {
+                let _ = self.lower(state, need, true);
             }
             return Err(e);
         }
-        Ok(Attached::Added { created_dev })
-    }
-
-    /// Forgets the rules of interfaces that no longer exist. Rules belong to an
-    /// interface instance (its ifindex): when it is deleted the kernel drops its TCX
-    /// links and tc filters, and what is left here are rules nothing can name and
-    /// counter slots in use. Mutating commands call this once their own input has been
-    /// accepted, so a refused command still changes nothing. Returns the rules removed.
-    fn prune_gone(&self, state: &mut State) -> Result<usize> {
-        let links = self.nl.links()?;
-        let mut removed = 0;
-        for (key, set) in state.all_rule_sets()? {
-            if links.iter().any(|l| l.index == key.ifindex) {
-                continue;
-            }
-            let Some(direction) = Direction::from_raw(key.direction) else {
-                continue;
+        for &need in before.difference(&after) {
+            let ifindex = match need {
+                Need::Ingress(i) | Need::Egress { ifindex: i, .. } => i,
             };
-            state.set_rule_set(key.ifindex, direction, &RuleSet::empty())?;
-            state.detach(direction, key.ifindex)?;
-            removed += set.as_slice().len();
+            self.lower(state, need, exists(ifindex))?;
         }
-        Ok(removed)
+        Ok(())
     }
 
-    /// Makes sure the hook can send packets to `dev`: on ingress, the TCX program is
-    /// attached to the interface; on egress, the interface has a clsact qdisc and the
-    /// filter whose mirred action redirects to `dev`.
-    fn hook_up(&self, state: &mut State, direction: Direction, link: &Link, dev: DevName) -> Result<()> {
-        match direction {
-            Direction::Ingress => state.attach_ingress(&link.name, link.index),
-            Direction::Egress => {
+    /// Makes sure the hook can send packets: on ingress, the TCX program is attached
+    /// to the interface; on egress, the interface has a clsact qdisc and the filter
+    /// whose mirred action redirects to the device.
+    fn raise(&self, state: &mut State, links: &[Link], need: Need) -> Result<()> {
+        let link = |i: u32| {
+            links
+                .iter()
+                .find(|l| l.index == i)
+                .ok_or(Error::Netlink(format!("ifindex {i} is gone")))
+        };
+        match need {
+            Need::Ingress(ifindex) => state.attach_ingress(&link(ifindex)?.name, ifindex),
+            Need::Egress { ifindex, dev } => {
+                let link = link(ifindex)?;
                 let dev_ifindex = state.device(dev.0)?.ifindex;
                 self.nl.ensure_clsact(link.index, &link.name)?;
                 let prog = state.program(Direction::Egress)?;
@@ -260,29 +291,89 @@ impl Imq {
         }
     }
 
-    /// Undoes [`Self::hook_up`] for what the hook's rule set `set` no longer needs:
-    /// the egress filter of `dev` when no rule sends there, the ingress program when
-    /// the set is empty.
-    fn hook_down(
-        &self,
-        state: &mut State,
-        direction: Direction,
-        ifindex: u32,
-        set: &RuleSet,
-        dev: DevName,
-    ) -> Result<()> {
-        match direction {
-            Direction::Ingress if set.len == 0 => state.detach(direction, ifindex),
-            Direction::Ingress => Ok(()),
-            Direction::Egress if set.as_slice().iter().any(|r| r.dev == dev.0) => Ok(()),
-            Direction::Egress => self.nl.del_egress_filter(ifindex, dev.0),
+    /// Undoes [`Self::raise`]. For an interface that is gone only the pin is left to
+    /// remove (the kernel dropped its links and filters with it).
+    fn lower(&self, state: &mut State, need: Need, exists: bool) -> Result<()> {
+        match need {
+            Need::Ingress(ifindex) => state.detach(Direction::Ingress, ifindex),
+            Need::Egress { ifindex, dev } if exists => self.nl.del_egress_filter(ifindex, dev.0),
+            Need::Egress { .. } => Ok(()),
         }
     }
 
-    /// Removes the rules of `interface` in `directions` (only those with `mark` if
-    /// given); an interface left without rules in a direction is detached there.
-    /// Returns how many rules were removed.
-    pub fn detach(&mut self, interface: &str, directions: Directions, mark: Option<Mark>) -> Result<usize> {
+    /// `old` without the rules of interfaces that no longer exist. Rules belong to an
+    /// interface instance (its ifindex): when it is deleted the kernel drops its TCX
+    /// links and tc filters, and what is left are rules nothing can name. Mutating
+    /// commands drop them once their own input has been accepted, so a refused command
+    /// still changes nothing.
+    fn without_gone(links: &[Link], old: &[(u32, Rule)]) -> Vec<(u32, Rule)> {
+        old.iter()
+            .filter(|(_, r)| links.iter().any(|l| l.index == r.ifindex))
+            .copied()
+            .collect()
+    }
+
+    pub fn attach(&mut self, req: &AttachRequest) -> Result<Attached> {
+        req.matches.validate()?;
+        let link = self.source_interface(&req.interface)?;
+        // Whether the device exists is decided under the lock: two attaches at once
+        // must not both set out to create it.
+        let locked = State::lock(self.bpffs())?;
+        let dev_link = self.existing_dev(req.dev)?;
+
+        // Plan every direction before changing anything.
+        let mut state = locked.open_or_create()?;
+        let old = state.rules()?;
+        let mut rules: Vec<Rule> = old.iter().map(|(_, r)| *r).collect();
+        let mut added = Vec::new();
+        for direction in req.directions.iter() {
+            let new = NewRule {
+                ifindex: link.index,
+                direction,
+                prio: req.prio,
+                dev: req.dev,
+                matches: req.matches,
+                actions: req.actions,
+            };
+            if let Insert::Add(rule) = rule::insert(&rules, &link.name, &new)? {
+                rules.push(rule);
+                added.push(rule);
+            }
+        }
+        let links = self.nl.links()?;
+        if added.is_empty() {
+            // Repairs hooks whose program or filter was removed behind our back.
+            for need in needs(&old).into_iter().filter(|n| match n {
+                Need::Ingress(i) => *i == link.index,
+                Need::Egress { ifindex, dev } => *ifindex == link.index && *dev == req.dev,
+            }) {
+                self.raise(&mut state, &links, need)?;
+            }
+            return Ok(Attached::Unchanged);
+        }
+        let mut new = Self::without_gone(&links, &old);
+        let ids = free_ids(&old, added.len())?;
+        new.extend(ids.into_iter().zip(added));
+        let compiled = self.compile(&links, &new)?;
+
+        // Everything is decided; from here on, undo what was done if a step fails.
+        let created = self.ensure_devs(&mut state, &[(req.dev, dev_link)])?;
+        let links = if created.is_empty() { links } else { self.nl.links()? };
+        if let Err(e) = self.transition(&mut state, &links, &old, &new, &compiled) {
+            for index in created {
+                let _ = self.nl.del_link(index);
+            }
+            return Err(e);
+        }
+        Ok(Attached::Added {
+            created_dev: !created.is_empty(),
+        })
+    }
+
+    /// Removes the rules of `interface` in `directions` that `selector` picks; an
+    /// interface left without rules in a direction is detached there. Returns how many
+    /// rules were removed.
+    pub fn detach(&mut self, interface: &str, directions: Directions, selector: Selector) -> Result<usize> {
         let link = self
             .nl
             .link_by_name(interface)?
@@ -290,30 +381,135 @@ impl Imq {
         let none = || Error::NoSuchRule {
             iface: interface.to_owned(),
             direction: directions.as_str().to_owned(),
-            mark,
+            selector,
         };
         let mut state = State::open(self.bpffs())?.ok_or_else(none)?;
-        let mut plan = Vec::new();
-        for direction in directions.iter() {
-            let (new, removed) = rule::remove(&state.rule_set(link.index, direction)?, mark);
-            if !removed.is_empty() {
-                plan.push((direction, new, removed));
-            }
-        }
-        if plan.is_empty() {
+        let old = state.rules()?;
+        let picked =
+            |r: &Rule| r.ifindex == link.index && directions.iter().any(|d| d == r.direction) && selector.selects(r);
+        let removed = old.iter().filter(|(_, r)| picked(r)).count();
+        if removed == 0 {
             return Err(none());
         }
-        self.prune_gone(&mut state)?;
-        let mut count = 0;
-        for (direction, new, removed) in plan {
-            // Rules first: from then on the hook selects nothing for what was removed.
-            state.set_rule_set(link.index, direction, &new)?;
-            for r in &removed {
-                self.hook_down(&mut state, direction, link.index, &new, DevName(r.dev))?;
+        let links = self.nl.links()?;
+        let new: Vec<(u32, Rule)> = Self::without_gone(&links, &old)
+            .into_iter()
+            .filter(|(_, r)| !picked(r))
+            .collect();
+        let compiled = self.compile(&links, &new)?;
+        self.transition(&mut state, &links, &old, &new, &compiled)?;
+        Ok(removed)
+    }
+
+    /// Replaces every rule of this namespace with `rules` (from [`rulefile::parse`]),
+    /// as one change. Rules that stay the same keep their counters. Imq devices the
+    /// rules name are created if missing. Returns (rules before, rules after).
+    pub fn apply(&mut self, rules: &[FileRule]) -> Result<(usize, usize)> {
+        let links = self.nl.links()?;
+        let at = |line: usize| {
+            move |e: Error| Error::RuleFile {
+                line,
+                message: e.to_string(),
             }
-            count += removed.len();
+        };
+        let mut wanted: Vec<Rule> = Vec::new();
+        let mut lines: Vec<usize> = Vec::new();
+        for fr in rules {
+            let link = links
+                .iter()
+                .find(|l| l.name == fr.interface)
+                .ok_or_else(|| Error::NoSuchInterface(fr.interface.clone()))
+                .and_then(|l| check_source(l).map(|()| l))
+                .map_err(at(fr.line))?;
+            for direction in fr.directions.iter() {
+                let hook = || {
+                    wanted
+                        .iter()
+                        .zip(&lines)
+                        .filter(|(r, _)| r.ifindex == link.index && r.direction == direction)
+                };
+                // Without a prio: after every rule before it on the same hook.
+                let prio = fr.prio.unwrap_or_else(|| {
+                    hook()
+                        .map(|(r, _)| r.prio)
+                        .max()
+                        .map_or(rule::PRIO_STEP, |p| p.saturating_add(rule::PRIO_STEP))
+                });
+                let clash = |what: &str, other: usize| Error::RuleFile {
+                    line: fr.line,
+                    message: format!("{what} as the rule on line {other} ({} {direction})", link.name),
+                };
+                if let Some((_, &other)) = hook().find(|(r, _)| r.prio == prio) {
+                    return Err(clash(&format!("prio {prio} is the same"), other));
+                }
+                if let Some((_, &other)) = hook().find(|(r, _)| r.matches == fr.matches) {
+                    return Err(clash("the same match (so this one could never match)", other));
+                }
+                wanted.push(Rule {
+                    ifindex: link.index,
+                    direction,
+                    prio,
+                    dev: fr.dev,
+                    matches: fr.matches,
+                    actions: fr.actions,
+                });
+                lines.push(fr.line);
+            }
         }
-        Ok(count)
+        if wanted.len() > MAX_RULES as usize {
+            return Err(Error::TooManyRules(MAX_RULES));
+        }
+        let mut devs: Vec<DevName> = wanted.iter().map(|r| r.dev).collect();
+        devs.sort_unstable();
+        devs.dedup();
+
+        let locked = State::lock(self.bpffs())?;
+        let devs = devs
+            .into_iter()
+            .map(|d| Ok((d, self.existing_dev(d)?)))
+            .collect::<Result<Vec<_>>>()?;
+        let mut state = locked.open_or_create()?;
+        let old = state.rules()?;
+        // A rule that is already there, the same in every respect, keeps its id and
+        // so its counters.
+        let mut new: Vec<(u32, Rule)> = Vec::with_capacity(wanted.len());
+        let mut fresh = Vec::new();
+        for r in wanted {
+            match old.iter().find(|(_, o)| *o == r) {
+                Some((id, _)) => new.push((*id, r)),
+                None => fresh.push(r),
+            }
+        }
+        let mut taken = old.clone();
+        taken.extend(new.iter().copied());
+        let ids = free_ids(&taken, fresh.len())?;
+        new.extend(ids.into_iter().zip(fresh));
+        let compiled = self.compile(&links, &new)?;
+
+        let created = self.ensure_devs(&mut state, &devs)?;
+        let links = if created.is_empty() { links } else { self.nl.links()? };
+        if let Err(e) = self.transition(&mut state, &links, &old, &new, &compiled) {
+            for index in created {
+                let _ = self.nl.del_link(index);
+            }
+            return Err(e);
+        }
+        Ok((old.len(), new.len()))
+    }
+
+    /// Every rule, in the rule file format of `apply`.
+    pub fn export(&mut self) -> Result<String> {
+        let links = self.nl.links()?;
+        let mut rules = match State::open(self.bpffs())? {
+            Some(mut state) => state.rules()?,
+            None => Vec::new(),
+        };
+        rules.sort_by_key(|(_, r)| (r.ifindex, r.direction, r.prio));
+        let named: Vec<(String, Rule)> = rules
+            .into_iter()
+            .filter_map(|(_, r)| Some((links.iter().find(|l| l.index == r.ifindex)?.name.clone(), r)))
+            .collect();
+        Ok(rulefile::render(&named))
     }
 
     pub fn show(&mut self) -> Result<Status> {
@@ -332,42 +528,41 @@ impl Imq {
             return Ok(status);
         };
         status.tracks_device_state = state.tracks_device_state();
-        let mut targeted = Vec::new();
-        for (key, set) in state.all_rule_sets()? {
-            let Some(direction) = Direction::from_raw(key.direction) else {
-                continue;
-            };
-            let iface = by_index(key.ifindex);
-            let filters = match direction {
-                Direction::Egress if iface.is_some() => self.nl.egress_filters(key.ifindex)?,
-                _ => Vec::new(),
-            };
-            for r in set.as_slice() {
-                let c = state.counters(r.id)?;
-                targeted.push(r.dev);
-                let attached = iface.is_some()
-                    && match direction {
-                        Direction::Ingress => state.is_attached(direction, key.ifindex),
-                        Direction::Egress => filters.contains(&r.dev),
+        let rules = state.rules()?;
+        let mut filters = std::collections::HashMap::new();
+        for (id, r) in &rules {
+            let iface = by_index(r.ifindex);
+            let attached = match (iface, r.direction) {
+                (None, _) => false,
+                (Some(_), Direction::Ingress) => state.is_attached(Direction::Ingress, r.ifindex),
+                (Some(_), Direction::Egress) => {
+                    let list = match filters.entry(r.ifindex) {
+                        std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                        std::collections::hash_map::Entry::Vacant(e) => e.insert(self.nl.egress_filters(r.ifindex)?),
                     };
-                status.rules.push(RuleStatus {
-                    interface: iface.map_or_else(|| format!("(gone, ifindex {})", key.ifindex), |l| l.name.clone()),
-                    ifindex: key.ifindex,
-                    direction,
-                    prio: r.prio,
-                    dev: DevName(r.dev).to_string(),
-                    mark: rule::mark_of(r),
-                    attached,
-                    packets: c.packets,
-                    bytes: c.bytes,
-                });
-            }
+                    list.contains(&r.dev.0)
+                }
+            };
+            let c = state.counters(*id)?;
+            status.rules.push(RuleStatus {
+                interface: iface.map_or_else(|| format!("(gone, ifindex {})", r.ifindex), |l| l.name.clone()),
+                ifindex: r.ifindex,
+                direction: r.direction,
+                prio: r.prio,
+                dev: r.dev.to_string(),
+                matches: r.matches,
+                actions: r.actions,
+                attached,
+                packets: c.packets,
+                bytes: c.bytes,
+            });
         }
+        let mut targeted: Vec<DevName> = rules.iter().map(|(_, r)| r.dev).collect();
         targeted.sort_unstable();
         targeted.dedup();
         for dev in targeted {
-            let name = DevName(dev).to_string();
-            let table = state.device(dev)?;
+            let name = dev.to_string();
+            let table = state.device(dev.0)?;
             match status.devices.iter_mut().find(|d| d.name == name) {
                 // Re-created behind imq's back: the rules still point at the old
                 // ifindex, so its traffic passes unshaped until `imqctl dev add`.
@@ -405,12 +600,11 @@ impl Imq {
         // re-pointed at it (mirred forgets a device that was deleted).
         if let Some(mut state) = locked.open()? {
             state.set_device(dev.0, link.index, link.up)?;
-            for (key, set) in state.all_rule_sets()? {
-                if key.direction != Direction::Egress.to_raw() || !set.as_slice().iter().any(|r| r.dev == dev.0) {
-                    continue;
-                }
-                if let Some(iface) = self.nl.link_by_index(key.ifindex)? {
-                    self.hook_up(&mut state, Direction::Egress, &iface, dev)?;
+            let links = self.nl.links()?;
+            let rules = state.rules()?;
+            for need in needs(&Self::without_gone(&links, &rules)) {
+                if matches!(need, Need::Egress { dev: d, .. } if d == dev) {
+                    self.raise(&mut state, &links, need)?;
                 }
             }
         }
@@ -423,19 +617,8 @@ impl Imq {
         let link = self
             .existing_dev(dev)?
             .ok_or_else(|| Error::NoSuchDevice(name.clone()))?;
-        let mut state = locked.open()?;
-        if let Some(state) = state.as_mut() {
-            let rules = state
-                .all_rule_sets()?
-                .iter()
-                .flat_map(|(_, s)| {
-                    s.as_slice()
-                        .iter()
-                        .filter(|r| r.dev == dev.0)
-                        .copied()
-                        .collect::<Vec<_>>()
-                })
-                .count();
+        if let Some(mut state) = locked.open()? {
+            let rules = state.rules()?.iter().filter(|(_, r)| r.dev == dev).count();
             if rules > 0 {
                 return Err(Error::DeviceInUse { dev: name, rules });
             }
@@ -450,19 +633,36 @@ impl Imq {
         let Some(mut state) = State::open(self.bpffs())? else {
             return Ok(0);
         };
-        let sets = state.all_rule_sets()?;
-        let mut filters: Vec<(u32, u32)> = sets
-            .iter()
-            .filter(|(key, _)| key.direction == Direction::Egress.to_raw())
-            .flat_map(|(key, set)| set.as_slice().iter().map(|r| (key.ifindex, r.dev)))
-            .collect();
-        filters.sort_unstable();
-        filters.dedup();
-        for (ifindex, dev) in filters {
-            self.nl.del_egress_filter(ifindex, dev)?;
+        let rules = state.rules()?;
+        let links = self.nl.links()?;
+        for need in needs(&Self::without_gone(&links, &rules)) {
+            if let Need::Egress { ifindex, dev } = need {
+                self.nl.del_egress_filter(ifindex, dev.0)?;
+            }
         }
-        let rules = sets.iter().map(|(_, s)| s.as_slice().len()).sum();
         state.destroy()?;
-        Ok(rules)
+        Ok(rules.len())
     }
+}
+
+/// Whether a link may carry rules: Ethernet, and not an imq or other ifb device.
+fn check_source(link: &Link) -> Result<()> {
+    let name = &link.name;
+    if link.is_ifb() {
+        return Err(if name.parse::<DevName>().is_ok() {
+            Error::ImqAsInterface(name.to_owned())
+        } else {
+            Error::IfbAsInterface(name.to_owned())
+        });
+    }
+    if name.parse::<DevName>().is_ok() {
+        return Err(Error::ImqAsInterface(name.to_owned()));
+    }
+    if !link.is_ether {
+        return Err(Error::NotEthernet {
+            name: name.to_owned(),
+            link_type: link.link_type.clone(),
+        });
+    }
+    Ok(())
 }

@@ -3,19 +3,22 @@
 //! ```text
 //! <bpffs>/imq/                      lock for every imqctl on the host
 //! <bpffs>/imq/net-<cookie>/         one network namespace (SO_NETNS_COOKIE)
-//!     imq_rules imq_devices imq_counters    maps
-//!     prog_ingress                          the loaded TC program
+//!     layout-2                              the layout of what is below
+//!     imq_rules imq_active imq_hooks imq_entries imq_devices imq_counters
+//!                                           maps (see imq-common)
+//!     prog_ingress prog_egress              the loaded TC programs
 //!     link_ingress_<ifindex>                TCX link of one interface
 //! ```
 
 use std::{
     fs, io,
+    os::fd::AsFd as _,
     path::{Path, PathBuf},
 };
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData, PerCpuArray, PerCpuValues},
+    maps::{Array, HashMap, MapData, PerCpuHashMap, PerCpuValues},
     programs::{
         FEntry, LinkOrder, SchedClassifier, TcAttachType,
         links::{FdLink, PinnedLink},
@@ -23,13 +26,14 @@ use aya::{
     },
 };
 use imq_common::{
-    COUNTERS_MAP, Counters, DEVICE_DOWN, DEVICES_MAP, Device, EGRESS_PROG, HookKey, IFB_CLOSE_PROG, IFB_OPEN_PROG,
-    INGRESS_PROG, MAX_RULE_IDS, RULES_MAP, RuleSet,
+    ACTIVE_MAP, COUNTERS_MAP, Counters, DEVICE_DOWN, DEVICES_MAP, Device, EGRESS_PROG, ENTRIES_MAP, EntryKey,
+    HOOKS_MAP, Hook, HookKey, IFB_CLOSE_PROG, IFB_OPEN_PROG, INGRESS_PROG, RULES_MAP, RuleSpec, Target,
 };
 
 use crate::{
+    compile::Compiled,
     error::{Error, Result},
-    rule::Direction,
+    rule::{Direction, Rule},
     sys,
 };
 
@@ -43,6 +47,8 @@ const PROG_INGRESS: &str = "prog_ingress";
 const PROG_EGRESS: &str = "prog_egress";
 const LINK_IFB_OPEN: &str = "link_ifb_open";
 const LINK_IFB_CLOSE: &str = "link_ifb_close";
+/// A directory that names the layout of the pinned maps (bpffs holds no regular files).
+const LAYOUT: &str = "layout-2";
 /// A directory whose presence says the device hooks could not be loaded here.
 const NO_DEVICE_HOOKS: &str = "no_device_hooks";
 
@@ -102,13 +108,28 @@ impl Locked {
         if !self.dir.join(RULES_MAP).exists() {
             return Ok(None);
         }
+        self.check_layout()?;
         State::load(self.dir, self.lock).map(Some)
     }
 
     /// Opens the state of this namespace, creating it if needed.
     pub fn open_or_create(self) -> Result<State> {
         ensure_dir(&self.dir)?;
+        if self.dir.join(RULES_MAP).exists() {
+            self.check_layout()?;
+        } else {
+            ensure_dir(&self.dir.join(LAYOUT))?;
+        }
         State::load(self.dir, self.lock)
+    }
+
+    /// Pinned maps are reused as they are: ones of another layout would be misread.
+    fn check_layout(&self) -> Result<()> {
+        if self.dir.join(LAYOUT).is_dir() {
+            Ok(())
+        } else {
+            Err(Error::OldLayout(self.dir.clone()))
+        }
     }
 }
 
@@ -130,7 +151,7 @@ impl State {
     }
 
     fn load(dir: PathBuf, lock: sys::Lock) -> Result<Self> {
-        let pins: Vec<(&str, PathBuf)> = [RULES_MAP, DEVICES_MAP, COUNTERS_MAP]
+        let pins: Vec<(&str, PathBuf)> = [RULES_MAP, ACTIVE_MAP, HOOKS_MAP, ENTRIES_MAP, DEVICES_MAP, COUNTERS_MAP]
             .into_iter()
             .map(|m| (m, dir.join(m)))
             .collect();
@@ -205,64 +226,142 @@ impl State {
             .ok_or_else(|| Error::Bpf(format!("map {name} missing from the object")))
     }
 
-    fn rules_map(&mut self) -> Result<HashMap<&mut MapData, HookKey, RuleSet>> {
+    fn rules_map(&mut self) -> Result<HashMap<&mut MapData, u32, RuleSpec>> {
         HashMap::try_from(self.map_mut(RULES_MAP)?).map_err(|e| Error::bpf(RULES_MAP, e))
     }
 
-    pub fn rule_set(&mut self, ifindex: u32, direction: Direction) -> Result<RuleSet> {
-        let key = HookKey {
-            ifindex,
-            direction: direction.to_raw(),
-        };
-        match self.rules_map()?.get(&key, 0) {
-            Ok(set) => Ok(set),
-            Err(aya::maps::MapError::KeyNotFound) => Ok(RuleSet::empty()),
-            Err(e) => Err(Error::bpf("read rules", e)),
+    fn hooks_map(&mut self) -> Result<HashMap<&mut MapData, HookKey, Hook>> {
+        HashMap::try_from(self.map_mut(HOOKS_MAP)?).map_err(|e| Error::bpf(HOOKS_MAP, e))
+    }
+
+    fn entries_map(&mut self) -> Result<HashMap<&mut MapData, EntryKey, Target>> {
+        HashMap::try_from(self.map_mut(ENTRIES_MAP)?).map_err(|e| Error::bpf(ENTRIES_MAP, e))
+    }
+
+    fn active_map(&mut self) -> Result<Array<&mut MapData, u32>> {
+        Array::try_from(self.map_mut(ACTIVE_MAP)?).map_err(|e| Error::bpf(ACTIVE_MAP, e))
+    }
+
+    fn counters_map(&mut self) -> Result<PerCpuHashMap<&mut MapData, u32, Counters>> {
+        PerCpuHashMap::try_from(self.map_mut(COUNTERS_MAP)?).map_err(|e| Error::bpf(COUNTERS_MAP, e))
+    }
+
+    /// Every rule, by id. A record this imqctl cannot read (from a newer one) is an
+    /// error rather than something to drop silently.
+    pub fn rules(&mut self) -> Result<Vec<(u32, Rule)>> {
+        let mut rules = Vec::new();
+        for item in self.rules_map()?.iter() {
+            let (id, spec) = item.map_err(|e| Error::bpf("read rules", e))?;
+            let rule = Rule::from_spec(&spec).ok_or_else(|| Error::Bpf(format!("rule {id} has an unknown layout")))?;
+            rules.push((id, rule));
         }
+        Ok(rules)
     }
 
-    /// Every hook with rules, with its rules.
-    pub fn all_rule_sets(&mut self) -> Result<Vec<(HookKey, RuleSet)>> {
-        self.rules_map()?
-            .iter()
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| Error::bpf("read rules", e))
-    }
+    /// Replaces every rule with `new` (id, rule), as one change for the data path:
+    /// the new rules are compiled into the generation not in use, the data path is
+    /// switched to it in one write, and once no program can still be reading the old
+    /// generation it is deleted. Rules whose id is kept keep their counters.
+    pub fn commit(&mut self, new: &[(u32, Rule)], compiled: &Compiled) -> Result<()> {
+        let old_ids: Vec<u32> = self.rules()?.iter().map(|(id, _)| *id).collect();
+        let active = self
+            .active_map()?
+            .get(&0, 0)
+            .map_err(|e| Error::bpf("read generation", e))?
+            & 1;
+        let next = active ^ 1;
+        // A command that died half-way may have left parts of `next` behind.
+        self.delete_generation(next as u16)?;
 
-    /// Replaces a hook's rule set in one map update (the data path sees the old or the
-    /// new set); an empty set removes the hook's entry.
-    pub fn set_rule_set(&mut self, ifindex: u32, direction: Direction, set: &RuleSet) -> Result<()> {
-        let key = HookKey {
-            ifindex,
-            direction: direction.to_raw(),
-        };
-        let mut map = self.rules_map()?;
-        if set.len == 0 {
-            match map.remove(&key) {
-                Ok(()) => Ok(()),
-                Err(e) if is_not_found(&e) => Ok(()),
-                Err(e) => Err(Error::bpf("remove rules", e)),
+        let cpus = aya::util::nr_cpus().map_err(|(what, e)| Error::io(what, e))?;
+        for (id, rule) in new {
+            if !old_ids.contains(id) {
+                let zero = PerCpuValues::try_from(vec![Counters::default(); cpus])
+                    .map_err(|e| Error::io("per-CPU values", e))?;
+                self.counters_map()?
+                    .insert(id, zero, 0)
+                    .map_err(|e| Error::bpf("create counters", e))?;
             }
-        } else {
-            map.insert(key, set, 0).map_err(|e| Error::bpf("write rules", e))
+            self.rules_map()?
+                .insert(id, rule.to_spec(), 0)
+                .map_err(|e| Error::bpf("write rule", e))?;
         }
-    }
+        // Hooks first: a generation that has hooks may have entries (see
+        // delete_generation).
+        let with_generation = |mut k: HookKey| {
+            k.generation = next as u16;
+            k
+        };
+        let mut hooks = self.hooks_map()?;
+        for (key, hook) in &compiled.hooks {
+            hooks
+                .insert(with_generation(*key), hook, 0)
+                .map_err(|e| Error::bpf("write hook", e))?;
+        }
+        let mut entries = self.entries_map()?;
+        for (key, target) in &compiled.entries {
+            let key = EntryKey {
+                hook: with_generation(key.hook),
+                ..*key
+            };
+            entries
+                .insert(key, target, 0)
+                .map_err(|e| Error::bpf("write rule entry", e))?;
+        }
 
-    /// The `n` lowest counter slots no rule uses.
-    pub fn free_rule_ids(&mut self, n: usize) -> Result<Vec<u32>> {
-        let mut used = vec![false; MAX_RULE_IDS as usize];
-        for (_, set) in self.all_rule_sets()? {
-            for r in set.as_slice() {
-                if let Some(u) = used.get_mut(r.id as usize) {
-                    *u = true;
+        self.active_map()?
+            .set(0, next, 0)
+            .map_err(|e| Error::bpf("switch generation", e))?;
+        let Some(aya::maps::Map::Array(devices)) = self.ebpf.map(DEVICES_MAP) else {
+            return Err(Error::Bpf(format!("map {DEVICES_MAP} missing from the object")));
+        };
+        sys::wait_for_bpf_programs(devices.fd().as_fd())?;
+        self.delete_generation(active as u16)?;
+
+        for id in old_ids.iter().filter(|id| !new.iter().any(|(n, _)| n == *id)) {
+            for removed in [self.rules_map()?.remove(id), self.counters_map()?.remove(id)] {
+                match removed {
+                    Err(e) if !is_not_found(&e) => return Err(Error::bpf("remove rule", e)),
+                    _ => {}
                 }
             }
         }
-        let free: Vec<u32> = (0..MAX_RULE_IDS).filter(|&i| !used[i as usize]).take(n).collect();
-        if free.len() < n {
-            return Err(Error::NoFreeRuleId(MAX_RULE_IDS));
+        Ok(())
+    }
+
+    /// Deletes a generation's hooks and entries, entries first, so that a generation
+    /// without hooks has no entries either and cleaning up after a crash looks at the
+    /// entries only when there are hooks.
+    fn delete_generation(&mut self, generation: u16) -> Result<()> {
+        let hooks: Vec<HookKey> = self
+            .hooks_map()?
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| k.generation == generation)
+            .collect();
+        if hooks.is_empty() {
+            return Ok(());
         }
-        Ok(free)
+        let mut entries = self.entries_map()?;
+        let stale: Vec<EntryKey> = entries
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| k.hook.generation == generation)
+            .collect();
+        for key in stale {
+            match entries.remove(&key) {
+                Err(e) if !is_not_found(&e) => return Err(Error::bpf("delete rule entry", e)),
+                _ => {}
+            }
+        }
+        let mut map = self.hooks_map()?;
+        for key in hooks {
+            match map.remove(&key) {
+                Err(e) if !is_not_found(&e) => return Err(Error::bpf("delete hook", e)),
+                _ => {}
+            }
+        }
+        Ok(())
     }
 
     /// The device table's entry for imq device number `dev` (ifindex 0: none).
@@ -272,25 +371,13 @@ impl State {
             .map_err(|e| Error::bpf("read device table", e))
     }
 
-    fn counters_map(&mut self) -> Result<PerCpuArray<&mut MapData, Counters>> {
-        PerCpuArray::try_from(self.map_mut(COUNTERS_MAP)?).map_err(|e| Error::bpf(COUNTERS_MAP, e))
-    }
-
-    pub fn reset_counters(&mut self, id: u32) -> Result<()> {
-        let cpus = aya::util::nr_cpus().map_err(|(what, e)| Error::io(what, e))?;
-        let zero =
-            PerCpuValues::try_from(vec![Counters::default(); cpus]).map_err(|e| Error::io("per-CPU values", e))?;
-        self.counters_map()?
-            .set(id, zero, 0)
-            .map_err(|e| Error::bpf("reset counters", e))
-    }
-
-    /// A rule's counters, summed over CPUs.
+    /// A rule's counters, summed over CPUs (zero if it has none).
     pub fn counters(&mut self, id: u32) -> Result<Counters> {
-        let per_cpu = self
-            .counters_map()?
-            .get(&id, 0)
-            .map_err(|e| Error::bpf("read counters", e))?;
+        let per_cpu = match self.counters_map()?.get(&id, 0) {
+            Ok(c) => c,
+            Err(e) if is_not_found(&e) => return Ok(Counters::default()),
+            Err(e) => return Err(Error::bpf("read counters", e)),
+        };
         Ok(per_cpu.iter().fold(Counters::default(), |a, c| Counters {
             packets: a.packets + c.packets,
             bytes: a.bytes + c.bytes,
@@ -374,10 +461,7 @@ impl State {
     /// Detaches every TCX link, removes this namespace's pins and directory. Egress
     /// filters are the caller's to remove first (they are netlink objects).
     pub fn destroy(mut self) -> Result<()> {
-        for (key, _) in self.all_rule_sets()? {
-            let direction = Direction::from_raw(key.direction).unwrap_or(Direction::Ingress);
-            self.set_rule_set(key.ifindex, direction, &RuleSet::empty())?;
-        }
+        self.commit(&[], &Compiled::default())?;
         let entries = fs::read_dir(&self.dir).map_err(|e| Error::io("read state directory", e))?;
         for entry in entries {
             let path = entry.map_err(|e| Error::io("read state directory", e))?.path();

@@ -225,6 +225,48 @@ impl Lock {
     }
 }
 
+/// Returns once no BPF program that was running when it was called still runs: an
+/// RCU grace period. After it, no packet can be using a generation the data path no
+/// longer points to, and its entries can go.
+///
+/// Userspace cannot ask for a grace period directly, but an update of a map-of-maps
+/// makes the kernel wait for one before returning, so that the caller knows programs
+/// see the new inner map (maybe_wait_bpf_programs in kernel/bpf/syscall.c). We create
+/// a one-slot ARRAY_OF_MAPS, store `inner` in it, and drop it.
+pub fn wait_for_bpf_programs(inner: std::os::fd::BorrowedFd<'_>) -> Result<()> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    const BPF_MAP_CREATE: libc::c_long = 0;
+    const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+    const BPF_MAP_TYPE_ARRAY_OF_MAPS: u32 = 12;
+    let inner_fd = inner.as_raw_fd() as u32;
+    let bpf = |cmd: libc::c_long, attr: &mut [u64; 16]| {
+        // SAFETY: attr is a zeroed union bpf_attr large enough for both commands.
+        unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), size_of::<[u64; 16]>()) }
+    };
+    // union bpf_attr, BPF_MAP_CREATE: map_type, key_size, value_size, max_entries,
+    // map_flags, inner_map_fd (u32 each).
+    let mut attr = [0u64; 16];
+    attr[0] = u64::from(BPF_MAP_TYPE_ARRAY_OF_MAPS) | (4u64 << 32);
+    attr[1] = 4 | (1u64 << 32);
+    attr[2] = u64::from(inner_fd) << 32;
+    let fd = bpf(BPF_MAP_CREATE, &mut attr);
+    if fd < 0 {
+        return Err(Error::io("create map-of-maps", io::Error::last_os_error()));
+    }
+    // SAFETY: the syscall returned a new file descriptor that nothing else owns.
+    let outer = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    let (key, value) = (0u32, inner_fd);
+    // BPF_MAP_UPDATE_ELEM: map_fd (u32, padded), key, value (pointers), flags.
+    let mut attr = [0u64; 16];
+    attr[0] = outer.as_raw_fd() as u64;
+    attr[1] = &raw const key as u64;
+    attr[2] = &raw const value as u64;
+    if bpf(BPF_MAP_UPDATE_ELEM, &mut attr) < 0 {
+        return Err(Error::io("update map-of-maps", io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -6,12 +6,16 @@
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, PerCpuArray},
+    maps::{Array, HashMap, PerCpuHashMap, PerCpuValues},
     programs::{SchedClassifier, TestRun, TestRunOptions},
 };
+use imq::{
+    compile::compile,
+    rule::{Actions, DevName, Direction, Match, Rule},
+};
 use imq_common::{
-    COUNTERS_MAP, Counters, DEVICE_DOWN, DEVICES_MAP, DIRECTION_INGRESS, Device, HookKey, INGRESS_PROG, RULES_MAP,
-    Rule, RuleSet,
+    COUNTERS_MAP, Counters, DEVICE_DOWN, DEVICES_MAP, Device, ENTRIES_MAP, EntryKey, HOOKS_MAP, Hook, HookKey,
+    INGRESS_PROG, Target,
 };
 use imq_tests::require_root;
 
@@ -24,6 +28,14 @@ struct Harness {
     ebpf: Ebpf,
 }
 
+/// What a run returned: the verdict and the skb fields the program may change.
+#[derive(Debug, PartialEq, Eq)]
+struct Outcome {
+    verdict: u32,
+    mark: u32,
+    priority: u32,
+}
+
 impl Harness {
     fn new() -> Self {
         require_root();
@@ -31,28 +43,43 @@ impl Harness {
         let prog: &mut SchedClassifier = ebpf.program_mut(INGRESS_PROG).unwrap().try_into().unwrap();
         prog.load().expect("verifier accepts the ingress program");
         // imq0 is "lo" here: a device that exists, so rules can select packets.
-        Array::<_, Device>::try_from(ebpf.map_mut(DEVICES_MAP).unwrap())
-            .unwrap()
-            .set(0, Device { ifindex: LO, flags: 0 }, 0)
-            .unwrap();
-        Self { ebpf }
+        // Generation 0 is active (the map starts zeroed).
+        let mut h = Self { ebpf };
+        h.device(0, LO);
+        h
     }
 
+    /// Installs `rules` (id, rule) for lo's ingress as imqctl would: compiled into
+    /// shapes and entries, with zeroed counters.
+    fn install(&mut self, rules: &[(u32, Rule)]) {
+        let compiled = compile(rules.iter().map(|(id, r)| (*id, r)), |i| i.to_string()).unwrap();
+        let mut hooks = HashMap::<_, HookKey, Hook>::try_from(self.ebpf.map_mut(HOOKS_MAP).unwrap()).unwrap();
+        for k in hooks.keys().map(Result::unwrap).collect::<Vec<_>>() {
+            hooks.remove(&k).unwrap();
+        }
+        for (k, v) in &compiled.hooks {
+            hooks.insert(k, v, 0).unwrap();
+        }
+        let mut entries = HashMap::<_, EntryKey, Target>::try_from(self.ebpf.map_mut(ENTRIES_MAP).unwrap()).unwrap();
+        for k in entries.keys().map(Result::unwrap).collect::<Vec<_>>() {
+            entries.remove(&k).unwrap();
+        }
+        for (k, v) in &compiled.entries {
+            entries.insert(k, v, 0).unwrap();
+        }
+        let cpus = aya::util::nr_cpus().unwrap();
+        let mut counters =
+            PerCpuHashMap::<_, u32, Counters>::try_from(self.ebpf.map_mut(COUNTERS_MAP).unwrap()).unwrap();
+        for (id, _) in rules {
+            let zero = PerCpuValues::try_from(vec![Counters::default(); cpus]).unwrap();
+            counters.insert(id, zero, 0).unwrap();
+        }
+    }
+
+    /// Rules numbered by position: id i, prio 10 * (i + 1), all to imq0.
     fn rules(&mut self, rules: &[Rule]) {
-        let mut set = RuleSet::empty();
-        set.rules[..rules.len()].copy_from_slice(rules);
-        set.len = rules.len() as u32;
-        HashMap::<_, HookKey, RuleSet>::try_from(self.ebpf.map_mut(RULES_MAP).unwrap())
-            .unwrap()
-            .insert(
-                HookKey {
-                    ifindex: LO,
-                    direction: DIRECTION_INGRESS,
-                },
-                set,
-                0,
-            )
-            .unwrap();
+        let numbered: Vec<(u32, Rule)> = rules.iter().enumerate().map(|(i, r)| (i as u32, *r)).collect();
+        self.install(&numbered);
     }
 
     fn device(&mut self, dev: u32, ifindex: u32) {
@@ -68,24 +95,32 @@ impl Harness {
 
     /// Runs the program on `frame` with `skb->mark = mark`; returns the verdict.
     fn run(&self, frame: &[u8], mark: u32) -> u32 {
-        self.try_run(frame, mark).expect("BPF_PROG_TEST_RUN")
+        self.try_run(frame, mark).expect("BPF_PROG_TEST_RUN").verdict
     }
 
-    fn try_run(&self, frame: &[u8], mark: u32) -> Result<u32, aya::programs::ProgramError> {
-        // struct __sk_buff: mark is at offset 8; the rest stays zero.
+    fn try_run(&self, frame: &[u8], mark: u32) -> Result<Outcome, aya::programs::ProgramError> {
+        // struct __sk_buff: mark at offset 8, priority at 32; the rest stays zero.
         let mut ctx = [0u8; 192];
         ctx[8..12].copy_from_slice(&mark.to_ne_bytes());
+        let mut out = [0u8; 192];
         let prog: &SchedClassifier = self.ebpf.program(INGRESS_PROG).unwrap().try_into().unwrap();
         let opts = TestRunOptions {
             data_in: Some(frame),
             ctx_in: Some(&ctx),
+            ctx_out: Some(&mut out),
             ..TestRunOptions::new()
         };
-        prog.test_run(opts).map(|r| r.return_value)
+        let verdict = prog.test_run(opts)?.return_value;
+        let word = |at: usize| u32::from_ne_bytes(out[at..at + 4].try_into().unwrap());
+        Ok(Outcome {
+            verdict,
+            mark: word(8),
+            priority: word(32),
+        })
     }
 
     fn counters(&self, id: u32) -> Counters {
-        let map = PerCpuArray::<_, Counters>::try_from(self.ebpf.map(COUNTERS_MAP).unwrap()).unwrap();
+        let map = PerCpuHashMap::<_, u32, Counters>::try_from(self.ebpf.map(COUNTERS_MAP).unwrap()).unwrap();
         map.get(&id, 0)
             .unwrap()
             .iter()
@@ -94,18 +129,64 @@ impl Harness {
                 bytes: a.bytes + c.bytes,
             })
     }
+
+    /// Which rule (by id) selected `frame`, from the counters: None if none did.
+    fn selected_by(&self, frame: &[u8], ids: std::ops::Range<u32>) -> Option<u32> {
+        let before: Vec<u64> = ids.clone().map(|i| self.counters(i).packets).collect();
+        let verdict = self.run(frame, 0);
+        let hit: Vec<u32> = ids
+            .clone()
+            .zip(before)
+            .filter(|&(i, b)| self.counters(i).packets != b)
+            .map(|(i, _)| i)
+            .collect();
+        assert!(hit.len() <= 1, "one packet counted by rules {hit:?}");
+        assert_eq!(
+            verdict == TC_ACT_REDIRECT,
+            hit.len() == 1,
+            "verdict {verdict} vs counters {hit:?}"
+        );
+        hit.first().copied()
+    }
 }
 
-fn rule(id: u32, mark: Option<(u32, u32)>) -> Rule {
-    let (mark_value, mark_mask) = mark.unwrap_or((0, 0));
-    Rule {
-        mark_value,
-        mark_mask,
-        dev: 0,
-        id,
-        prio: (id + 1) * 10,
-        flags: 0,
+/// A rule on lo's ingress to `dev`, from `key value` pairs as imqctl's flags.
+fn rule_to(prio: u32, dev: u32, spec: &str) -> Rule {
+    let mut m = Match::default();
+    let mut actions = Actions::default();
+    let mut it = spec.split_whitespace();
+    while let (Some(k), Some(v)) = (it.next(), it.next()) {
+        match k {
+            "mark" => m.mark = Some(v.parse().unwrap()),
+            "src" => m.src = Some(v.parse().unwrap()),
+            "dst" => m.dst = Some(v.parse().unwrap()),
+            "proto" => m.proto = Some(v.parse().unwrap()),
+            "sport" => m.sport = Some(v.parse().unwrap()),
+            "dport" => m.dport = Some(v.parse().unwrap()),
+            "dscp" => m.dscp = Some(v.parse().unwrap()),
+            "set-mark" => actions.set_mark = Some(v.parse().unwrap()),
+            "classid" => actions.classid = Some(v.parse().unwrap()),
+            _ => panic!("unknown key {k}"),
+        }
     }
+    m.validate().unwrap();
+    Rule {
+        ifindex: LO,
+        direction: Direction::Ingress,
+        prio,
+        dev: DevName(dev),
+        matches: m,
+        actions,
+    }
+}
+
+/// Rules for `rules()`: the i-th gets prio 10 * (i + 1).
+fn rules(specs: &[&str]) -> Vec<Rule> {
+    specs
+        .iter()
+        .enumerate()
+        .map(|(i, s)| rule_to(10 * (i as u32 + 1), 0, s))
+        .collect()
 }
 
 fn eth(ethertype: u16) -> Vec<u8> {
@@ -161,7 +242,7 @@ fn arp() -> Vec<u8> {
 #[test]
 fn ipv4_and_ipv6_are_redirected_and_counted() {
     let mut h = Harness::new();
-    h.rules(&[rule(3, None)]);
+    h.install(&[(3, rule_to(10, 0, ""))]);
     let (v4, v4_long, v6) = (ipv4_udp(), ipv4_udp_long(), ipv6_udp());
     assert_eq!(h.run(&v4, 0), TC_ACT_REDIRECT, "short IPv4: headers copied out");
     assert_eq!(h.run(&v4_long, 0), TC_ACT_REDIRECT, "IPv4 read in place");
@@ -179,7 +260,7 @@ fn ipv4_and_ipv6_are_redirected_and_counted() {
 #[test]
 fn non_ip_and_malformed_frames_are_left_alone() {
     let mut h = Harness::new();
-    h.rules(&[rule(0, None)]);
+    h.rules(&rules(&[""]));
     let mut v4_bad_version = ipv4_udp();
     v4_bad_version[14] = 0x65;
     let mut v4_bad_ihl = ipv4_udp();
@@ -225,7 +306,7 @@ fn non_ip_and_malformed_frames_are_left_alone() {
         let mut frame = eth(ethertype);
         frame.extend_from_slice(&if ethertype == 0x0800 { ipv4_udp() } else { ipv6_udp() }[14..14 + len]);
         match h.try_run(&frame, 0) {
-            Ok(verdict) => assert_eq!(verdict, TCX_NEXT, "{what} cut after {len} bytes"),
+            Ok(out) => assert_eq!(out.verdict, TCX_NEXT, "{what} cut after {len} bytes"),
             Err(aya::programs::ProgramError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EINVAL) => {}
             Err(e) => panic!("{what} cut after {len} bytes: {e}"),
         }
@@ -237,9 +318,7 @@ fn non_ip_and_malformed_frames_are_left_alone() {
 fn marks_select_and_first_match_wins() {
     let mut h = Harness::new();
     h.device(1, LO);
-    let mut second = rule(1, Some((0x10, 0xf0)));
-    second.dev = 1;
-    h.rules(&[rule(0, Some((0x11, 0xff))), second]);
+    h.rules(&[rule_to(10, 0, "mark 0x11/0xff"), rule_to(20, 1, "mark 0x10/0xf0")]);
     let f = ipv4_udp();
     assert_eq!(h.run(&f, 0), TCX_NEXT, "unmarked");
     assert_eq!(h.run(&f, 0x11), TC_ACT_REDIRECT, "exact mark: first rule");
@@ -264,9 +343,7 @@ fn no_rules_or_no_device_means_untouched() {
     assert_eq!(h.run(&f, 0), TCX_NEXT, "empty rule set");
 
     // The rule's device was never set up, or was deleted: pass unshaped, never drop.
-    let mut r = rule(5, None);
-    r.dev = 9;
-    h.rules(&[r]);
+    h.install(&[(5, rule_to(10, 9, ""))]);
     assert_eq!(h.run(&f, 0), TCX_NEXT, "device table entry empty");
     h.device(9, 999_999);
     assert_eq!(h.run(&f, 0), TCX_NEXT, "device ifindex gone");
@@ -280,4 +357,247 @@ fn no_rules_or_no_device_means_untouched() {
     h.device(9, LO);
     assert_eq!(h.run(&f, 0), TC_ACT_REDIRECT, "device up again");
     assert_eq!(h.counters(5).packets, 2);
+}
+
+/// IPv4 from `src` to `dst` with `dscp`, protocol `proto`, fragment offset field
+/// `frag` (flags and offset), and `l4` as the transport header and payload.
+fn ipv4(src: [u8; 4], dst: [u8; 4], dscp: u8, proto: u8, frag: u16, l4: &[u8]) -> Vec<u8> {
+    let mut f = eth(0x0800);
+    f.extend_from_slice(&[0x45, dscp << 2]);
+    f.extend_from_slice(&((20 + l4.len()) as u16).to_be_bytes());
+    f.extend_from_slice(&[0, 1]);
+    f.extend_from_slice(&frag.to_be_bytes());
+    f.extend_from_slice(&[64, proto, 0, 0]);
+    f.extend_from_slice(&src);
+    f.extend_from_slice(&dst);
+    f.extend_from_slice(l4);
+    f
+}
+
+/// IPv6 with `dscp`, first next-header `next`, then `rest` (extension headers and
+/// transport header as bytes).
+fn ipv6(src: &str, dst: &str, dscp: u8, next: u8, rest: &[u8]) -> Vec<u8> {
+    let mut f = eth(0x86dd);
+    let tc = dscp << 2;
+    f.extend_from_slice(&[0x60 | (tc >> 4), (tc & 0xf) << 4, 0, 0]);
+    f.extend_from_slice(&(rest.len() as u16).to_be_bytes());
+    f.extend_from_slice(&[next, 64]);
+    f.extend_from_slice(&src.parse::<std::net::Ipv6Addr>().unwrap().octets());
+    f.extend_from_slice(&dst.parse::<std::net::Ipv6Addr>().unwrap().octets());
+    f.extend_from_slice(rest);
+    f
+}
+
+/// A UDP or TCP header's first bytes with the ports, and some payload.
+fn ports(sport: u16, dport: u16) -> Vec<u8> {
+    let mut l4 = sport.to_be_bytes().to_vec();
+    l4.extend_from_slice(&dport.to_be_bytes());
+    l4.extend_from_slice(&[0; 16]);
+    l4
+}
+
+const A: [u8; 4] = [198, 18, 0, 1];
+const B: [u8; 4] = [198, 18, 0, 2];
+
+#[test]
+fn address_prefixes_select_ipv4_and_ipv6() {
+    let mut h = Harness::new();
+    h.rules(&rules(&[
+        "dst 198.18.0.2/32",
+        "src 198.18.0.0/24",
+        "src 2001:db8:1::/48",
+        "dst 2001:db8::/32",
+    ]));
+    let udp = ports(1, 2);
+    assert_eq!(h.selected_by(&ipv4(A, B, 0, 17, 0, &udp), 0..4), Some(0));
+    assert_eq!(h.selected_by(&ipv4(A, [198, 18, 0, 3], 0, 17, 0, &udp), 0..4), Some(1));
+    assert_eq!(
+        h.selected_by(&ipv4([198, 18, 1, 1], [198, 18, 0, 3], 0, 17, 0, &udp), 0..4),
+        None
+    );
+    assert_eq!(
+        h.selected_by(&ipv6("2001:db8:1:2::1", "2001:db9::1", 0, 17, &udp), 0..4),
+        Some(2)
+    );
+    assert_eq!(
+        h.selected_by(&ipv6("2001:db9::1", "2001:db8:ff::1", 0, 17, &udp), 0..4),
+        Some(3)
+    );
+    assert_eq!(
+        h.selected_by(&ipv6("2001:db9::1", "2001:db9::2", 0, 17, &udp), 0..4),
+        None
+    );
+}
+
+#[test]
+fn protocols_port_ranges_and_dscp() {
+    let mut h = Harness::new();
+    h.rules(&rules(&[
+        "proto udp dport 5000-5100",
+        "proto tcp sport 80",
+        "dscp ef",
+        "proto icmp",
+        "proto udp sport 1024-65535 dport 53",
+    ]));
+    let udp = |s, d| ipv4(A, B, 0, 17, 0, &ports(s, d));
+    assert_eq!(h.selected_by(&udp(9, 5000), 0..5), Some(0));
+    assert_eq!(h.selected_by(&udp(9, 5100), 0..5), Some(0));
+    assert_eq!(h.selected_by(&udp(9, 5101), 0..5), None);
+    assert_eq!(h.selected_by(&udp(1024, 53), 0..5), Some(4));
+    assert_eq!(h.selected_by(&udp(1023, 53), 0..5), None);
+    assert_eq!(h.selected_by(&ipv4(A, B, 0, 6, 0, &ports(80, 40000)), 0..5), Some(1));
+    assert_eq!(
+        h.selected_by(&ipv4(A, B, 0, 17, 0, &ports(80, 40000)), 0..5),
+        None,
+        "udp is not tcp"
+    );
+    assert_eq!(h.selected_by(&ipv4(A, B, 46, 17, 0, &ports(9, 9)), 0..5), Some(2));
+    assert_eq!(
+        h.selected_by(&ipv4(A, B, 0, 1, 0, &[8, 0, 0, 0, 0, 0, 0, 0]), 0..5),
+        Some(3)
+    );
+    // The same on IPv6, DSCP across the traffic class bytes.
+    let v6 = |dscp, next, l4: &[u8]| ipv6("2001:db8::1", "2001:db8::2", dscp, next, l4);
+    assert_eq!(h.selected_by(&v6(0, 17, &ports(9, 5050)), 0..5), Some(0));
+    assert_eq!(h.selected_by(&v6(46, 6, &ports(9, 9)), 0..5), Some(2));
+    assert_eq!(h.selected_by(&v6(45, 6, &ports(9, 9)), 0..5), None);
+}
+
+#[test]
+fn ipv6_extension_headers_are_walked() {
+    let mut h = Harness::new();
+    h.rules(&rules(&["proto udp dport 5201", "proto udp"]));
+    let udp = ports(9, 5201);
+    // Hop-by-hop (8 bytes), destination options (16 bytes), routing (8), then UDP.
+    let mut chain = vec![60, 0, 1, 4, 0, 0, 0, 0];
+    chain.extend_from_slice(&[43, 1, 1, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+    chain.extend_from_slice(&[17, 0, 0, 0, 0, 0, 0, 0]);
+    chain.extend_from_slice(&udp);
+    assert_eq!(
+        h.selected_by(&ipv6("2001:db8::1", "2001:db8::2", 0, 0, &chain), 0..2),
+        Some(0)
+    );
+    // AH counts its length in 4-octet units, minus 2: 12 bytes here.
+    let mut ah = vec![17, 1, 0, 0, 0, 0, 0, 1, 0, 0, 0, 1];
+    ah.extend_from_slice(&udp);
+    assert_eq!(
+        h.selected_by(&ipv6("2001:db8::1", "2001:db8::2", 0, 51, &ah), 0..2),
+        Some(0)
+    );
+
+    // Fragments: the first carries the ports; a later one only the protocol.
+    let fragment = |offset: u16, more: bool| {
+        let mut f = vec![17, 0];
+        f.extend_from_slice(&((offset << 3) | u16::from(more)).to_be_bytes());
+        f.extend_from_slice(&[0, 0, 0, 7]);
+        f.extend_from_slice(&udp);
+        ipv6("2001:db8::1", "2001:db8::2", 0, 44, &f)
+    };
+    assert_eq!(h.selected_by(&fragment(0, true), 0..2), Some(0));
+    assert_eq!(h.selected_by(&fragment(1, true), 0..2), Some(1));
+    assert_eq!(h.selected_by(&fragment(100, false), 0..2), Some(1));
+
+    // More extension headers than the walk takes: the transport header is never
+    // reached, so neither rule (both need udp) matches.
+    let mut long = Vec::new();
+    for _ in 0..9 {
+        long.extend_from_slice(&[60, 0, 1, 4, 0, 0, 0, 0]);
+    }
+    long[8 * 8] = 17;
+    long.extend_from_slice(&udp);
+    assert_eq!(
+        h.selected_by(&ipv6("2001:db8::1", "2001:db8::2", 0, 60, &long), 0..2),
+        None
+    );
+    // Cut inside an extension header.
+    assert_eq!(
+        h.selected_by(&ipv6("2001:db8::1", "2001:db8::2", 0, 0, &[17, 0]), 0..2),
+        None
+    );
+}
+
+#[test]
+fn ipv4_fragments_and_truncated_transport_headers_match_no_port_rule() {
+    let mut h = Harness::new();
+    h.rules(&rules(&["proto udp dport 53", "proto udp"]));
+    let l4 = ports(9, 53);
+    assert_eq!(
+        h.selected_by(&ipv4(A, B, 0, 17, 0x2000, &l4), 0..2),
+        Some(0),
+        "first fragment, MF set"
+    );
+    assert_eq!(
+        h.selected_by(&ipv4(A, B, 0, 17, 0x0001, &l4), 0..2),
+        Some(1),
+        "offset 8"
+    );
+    assert_eq!(
+        h.selected_by(&ipv4(A, B, 0, 17, 0x4000, &l4), 0..2),
+        Some(0),
+        "DF is not a fragment"
+    );
+    // Only two bytes of the UDP header: ports unknown.
+    assert_eq!(h.selected_by(&ipv4(A, B, 0, 17, 0, &l4[..2]), 0..2), Some(1));
+}
+
+#[test]
+fn actions_set_the_mark_and_the_class() {
+    let mut h = Harness::new();
+    h.rules(&[
+        rule_to(10, 0, "proto udp set-mark 0x100/0xf00 classid 1:10"),
+        rule_to(20, 0, "classid 2:3"),
+    ]);
+    let f = ipv4(A, B, 0, 17, 0, &ports(1, 2));
+    let out = h.try_run(&f, 0x12345).unwrap();
+    assert_eq!(
+        out,
+        Outcome {
+            verdict: TC_ACT_REDIRECT,
+            mark: 0x12145,
+            priority: 0x10010
+        }
+    );
+    let tcp = ipv4(A, B, 0, 6, 0, &ports(1, 2));
+    let out = h.try_run(&tcp, 0x12345).unwrap();
+    assert_eq!((out.mark, out.priority), (0x12345, 0x20003), "mark untouched");
+    // Not selected: nothing changes.
+    h.rules(&[rule_to(10, 0, "proto udp classid 1:10")]);
+    let out = h.try_run(&tcp, 7).unwrap();
+    assert_eq!((out.verdict, out.mark, out.priority), (TCX_NEXT, 7, 0));
+}
+
+#[test]
+fn the_active_generation_decides() {
+    let mut h = Harness::new();
+    let r = rule_to(10, 0, "proto udp");
+    h.install(&[(0, r)]);
+    // The same rule written only into generation 1: invisible until it is active.
+    let compiled = compile([(1, &r)], |i| i.to_string()).unwrap();
+    let mut hooks = HashMap::<_, HookKey, Hook>::try_from(h.ebpf.map_mut(HOOKS_MAP).unwrap()).unwrap();
+    for (k, v) in &compiled.hooks {
+        hooks.insert(HookKey { generation: 1, ..*k }, v, 0).unwrap();
+    }
+    let mut entries = HashMap::<_, EntryKey, Target>::try_from(h.ebpf.map_mut(ENTRIES_MAP).unwrap()).unwrap();
+    for (k, v) in &compiled.entries {
+        let key = EntryKey {
+            hook: HookKey {
+                generation: 1,
+                ..k.hook
+            },
+            ..*k
+        };
+        entries.insert(key, v, 0).unwrap();
+    }
+    let cpus = aya::util::nr_cpus().unwrap();
+    PerCpuHashMap::<_, u32, Counters>::try_from(h.ebpf.map_mut(COUNTERS_MAP).unwrap())
+        .unwrap()
+        .insert(1, PerCpuValues::try_from(vec![Counters::default(); cpus]).unwrap(), 0)
+        .unwrap();
+    let f = ipv4(A, B, 0, 17, 0, &ports(1, 2));
+    assert_eq!(h.selected_by(&f, 0..2), Some(0));
+    Array::<_, u32>::try_from(h.ebpf.map_mut(imq_common::ACTIVE_MAP).unwrap())
+        .unwrap()
+        .set(0, 1, 0)
+        .unwrap();
+    assert_eq!(h.selected_by(&f, 0..2), Some(1));
 }

@@ -1,14 +1,15 @@
-//! imqctl: queue incoming (and soon outgoing) traffic of chosen interfaces in imq
+//! imqctl: queue the incoming and outgoing traffic of chosen interfaces in imq
 //! devices, where any kernel qdisc shapes it.
 
 mod show;
 
 use std::{path::PathBuf, process::ExitCode};
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use imq::{
     AttachRequest, Attached, DEFAULT_TXQUEUELEN, Imq, Options,
-    rule::{DevName, Directions, Mark},
+    rule::{Actions, ClassId, DevName, Directions, Dscp, Mark, Match, PortRange, Prefix, Proto, Selector},
+    rulefile,
 };
 
 #[derive(Parser)]
@@ -31,15 +32,20 @@ enum Command {
     Attach {
         /// Interface whose traffic is queued
         interface: String,
-        /// ingress (egress and both: not yet)
-        #[arg(long, short, default_value = "ingress", value_parser = parse_directions)]
+        /// ingress, egress or both
+        #[arg(long, short, default_value = "ingress", value_parser = parse::<Directions>)]
         direction: Directions,
         /// imq device the traffic goes to; created (ifb, up) if missing
-        #[arg(long, default_value = "imq0", value_parser = parse_dev)]
+        #[arg(long, default_value = "imq0", value_parser = parse::<DevName>)]
         dev: DevName,
-        /// Only packets whose fwmark matches: VALUE[/MASK], e.g. 0x10/0xff
-        #[arg(long, value_parser = parse_mark)]
-        mark: Option<Mark>,
+        #[command(flatten)]
+        matches: MatchArgs,
+        /// Set the packet's fwmark: VALUE[/MASK] (bits outside MASK are kept)
+        #[arg(long, value_parser = parse::<Mark>, value_name = "VALUE[/MASK]")]
+        set_mark: Option<Mark>,
+        /// Put the packet in this class of the imq device's HTB/HFSC/... (sets skb->priority)
+        #[arg(long, value_parser = parse::<ClassId>, value_name = "MAJOR:MINOR")]
+        classid: Option<ClassId>,
         /// Rule order on this interface and direction, lowest first [default: after the last]
         #[arg(long)]
         prio: Option<u32>,
@@ -47,12 +53,23 @@ enum Command {
     /// Remove rules; an interface left without rules is detached
     Detach {
         interface: String,
-        #[arg(long, short, default_value = "ingress", value_parser = parse_directions)]
+        #[arg(long, short, default_value = "ingress", value_parser = parse::<Directions>)]
         direction: Directions,
-        /// Only the rule with this match [default: every rule of the interface]
-        #[arg(long, value_parser = parse_mark)]
-        mark: Option<Mark>,
+        /// Only the rule with exactly this match [default: every rule of the interface]
+        #[command(flatten)]
+        matches: MatchArgs,
+        /// Only the rule at this prio
+        #[arg(long)]
+        prio: Option<u32>,
     },
+    /// Replace every rule of this network namespace with those of a TOML file, atomically
+    Apply {
+        /// Rule file ("-": standard input)
+        #[arg(long, short)]
+        file: PathBuf,
+    },
+    /// Print every rule in the format of `apply`
+    Export,
     /// imq devices, rules in match order, and what each rule queued
     Show {
         /// One JSON object: {"devices": [...], "rules": [...]}
@@ -72,27 +89,59 @@ enum Command {
 enum DevCommand {
     /// Create an imq device (an ifb, up)
     Add {
-        #[arg(value_parser = parse_dev)]
+        #[arg(value_parser = parse::<DevName>)]
         name: DevName,
         #[arg(long, default_value_t = DEFAULT_TXQUEUELEN)]
         txqueuelen: u32,
     },
     /// Delete an imq device no rule sends traffic to
     Del {
-        #[arg(value_parser = parse_dev)]
+        #[arg(value_parser = parse::<DevName>)]
         name: DevName,
     },
 }
 
-fn parse_directions(s: &str) -> Result<Directions, String> {
-    s.parse().map_err(|e: imq::Error| e.to_string())
+/// What a rule matches; every option given must match.
+#[derive(Args)]
+struct MatchArgs {
+    /// Packets whose fwmark matches: VALUE[/MASK], e.g. 0x10/0xff
+    #[arg(long, value_parser = parse::<Mark>, value_name = "VALUE[/MASK]")]
+    mark: Option<Mark>,
+    /// Source address prefix (IPv4 or IPv6 CIDR)
+    #[arg(long, value_parser = parse::<Prefix>, value_name = "PREFIX")]
+    src: Option<Prefix>,
+    /// Destination address prefix (IPv4 or IPv6 CIDR)
+    #[arg(long, value_parser = parse::<Prefix>, value_name = "PREFIX")]
+    dst: Option<Prefix>,
+    /// tcp, udp, icmp, icmpv6, sctp, udplite, gre, esp or a number
+    #[arg(long, value_parser = parse::<Proto>)]
+    proto: Option<Proto>,
+    /// Source port or range (needs --proto tcp/udp/sctp/udplite)
+    #[arg(long, value_parser = parse::<PortRange>, value_name = "PORT[-PORT]")]
+    sport: Option<PortRange>,
+    /// Destination port or range (needs --proto tcp/udp/sctp/udplite)
+    #[arg(long, value_parser = parse::<PortRange>, value_name = "PORT[-PORT]")]
+    dport: Option<PortRange>,
+    /// DSCP: 0-63 or a name (ef, af41, cs1, ...)
+    #[arg(long, value_parser = parse::<Dscp>)]
+    dscp: Option<Dscp>,
 }
 
-fn parse_dev(s: &str) -> Result<DevName, String> {
-    s.parse().map_err(|e: imq::Error| e.to_string())
+impl MatchArgs {
+    fn to_match(&self) -> Match {
+        Match {
+            mark: self.mark,
+            src: self.src,
+            dst: self.dst,
+            proto: self.proto,
+            sport: self.sport,
+            dport: self.dport,
+            dscp: self.dscp,
+        }
+    }
 }
 
-fn parse_mark(s: &str) -> Result<Mark, String> {
+fn parse<T: std::str::FromStr<Err = imq::Error>>(s: &str) -> Result<T, String> {
     s.parse().map_err(|e: imq::Error| e.to_string())
 }
 
@@ -115,14 +164,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             interface,
             direction,
             dev,
-            mark,
+            matches,
+            set_mark,
+            classid,
             prio,
         } => {
             let req = AttachRequest {
                 interface,
                 directions: direction,
                 dev,
-                mark,
+                matches: matches.to_match(),
+                actions: Actions { set_mark, classid },
                 prio,
             };
             match imq.attach(&req)? {
@@ -134,11 +186,32 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Detach {
             interface,
             direction,
-            mark,
+            matches,
+            prio,
         } => {
-            let n = imq.detach(&interface, direction, mark)?;
+            let m = matches.to_match();
+            let selector = Selector {
+                matches: (!m.is_empty()).then_some(m),
+                prio,
+            };
+            let n = imq.detach(&interface, direction, selector)?;
             eprintln!("removed {n} rule(s) from {interface}");
         }
+        Command::Apply { file } => {
+            let text = if file.as_os_str() == "-" {
+                std::io::read_to_string(std::io::stdin())
+            } else {
+                std::fs::read_to_string(&file)
+            }
+            .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+            let rules = rulefile::parse(&text).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+            let (before, after) = imq.apply(&rules).map_err(|e| match e {
+                imq::Error::RuleFile { .. } => anyhow::anyhow!("{}: {e}", file.display()),
+                e => e.into(),
+            })?;
+            eprintln!("applied {after} rule(s), replacing {before}");
+        }
+        Command::Export => print!("{}", imq.export()?),
         Command::Show { json } => {
             let status = imq.show()?;
             if json {

@@ -3,6 +3,7 @@
 //! ```text
 //! dev imq0 ifindex 7 up txqueuelen 1000
 //! ingress eth0 prio 10 mark 0x10/0xff dev imq0 packets 1432 bytes 2071228
+//! egress eth0 prio 20 proto udp dport 5060 dev imq0 classid 1:10 packets 12 bytes 2400
 //! ```
 
 use std::fmt::Write as _;
@@ -46,13 +47,14 @@ pub fn render(status: &Status) -> String {
     }
     for r in &status.rules {
         let _ = write!(out, "{} {} prio {}", r.direction, r.interface, r.prio);
-        match r.mark {
-            Some(m) => {
-                let _ = write!(out, " mark {m}");
-            }
-            None => out.push_str(" all"),
+        let _ = write!(out, " {} dev {}", r.matches, r.dev);
+        if let Some(m) = r.actions.set_mark {
+            let _ = write!(out, " set-mark {m}");
         }
-        let _ = write!(out, " dev {} packets {} bytes {}", r.dev, r.packets, r.bytes);
+        if let Some(c) = r.actions.classid {
+            let _ = write!(out, " classid {c}");
+        }
+        let _ = write!(out, " packets {} bytes {}", r.packets, r.bytes);
         if !r.attached {
             out.push_str(" (not attached)");
         }
