@@ -196,7 +196,7 @@ fn search(hook: HookKey, shapes: &Hook, flow: &FlowKey) -> Option<Target> {
             flow: flow.masked(&shape.mask),
         };
         // SAFETY: read-only use of the value; see HOOKS for why it is stable.
-        if let Some(t) = unsafe { ENTRIES.get(&key) }
+        if let Some(t) = unsafe { ENTRIES.get(key) }
             && best.is_none_or(|b| t.prio < b.prio)
         {
             best = Some(*t);
