@@ -14,7 +14,7 @@ mod state;
 mod sys;
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeSet, HashMap},
     os::fd::{AsFd as _, AsRawFd as _},
     path::PathBuf,
 };
@@ -413,7 +413,11 @@ impl Imq {
             }
         };
         let mut wanted: Vec<Rule> = Vec::new();
-        let mut lines: Vec<usize> = Vec::new();
+        // Per hook: the line of each prio and of each match, and the highest prio.
+        type Hook = (u32, Direction);
+        let mut prios: HashMap<(Hook, u32), usize> = HashMap::new();
+        let mut matches: HashMap<(Hook, Match), usize> = HashMap::new();
+        let mut last: HashMap<Hook, u32> = HashMap::new();
         for fr in rules {
             let link = links
                 .iter()
@@ -422,29 +426,26 @@ impl Imq {
                 .and_then(|l| check_source(l).map(|()| l))
                 .map_err(at(fr.line))?;
             for direction in fr.directions.iter() {
-                let hook = || {
-                    wanted
-                        .iter()
-                        .zip(&lines)
-                        .filter(|(r, _)| r.ifindex == link.index && r.direction == direction)
-                };
+                let hook = (link.index, direction);
                 // Without a prio: after every rule before it on the same hook.
                 let prio = fr.prio.unwrap_or_else(|| {
-                    hook()
-                        .map(|(r, _)| r.prio)
-                        .max()
+                    last.get(&hook)
                         .map_or(rule::PRIO_STEP, |p| p.saturating_add(rule::PRIO_STEP))
                 });
                 let clash = |what: &str, other: usize| Error::RuleFile {
                     line: fr.line,
                     message: format!("{what} as the rule on line {other} ({} {direction})", link.name),
                 };
-                if let Some((_, &other)) = hook().find(|(r, _)| r.prio == prio) {
+                if let Some(&other) = prios.get(&(hook, prio)) {
                     return Err(clash(&format!("prio {prio} is the same"), other));
                 }
-                if let Some((_, &other)) = hook().find(|(r, _)| r.matches == fr.matches) {
+                if let Some(&other) = matches.get(&(hook, fr.matches)) {
                     return Err(clash("the same match (so this one could never match)", other));
                 }
+                prios.insert((hook, prio), fr.line);
+                matches.insert((hook, fr.matches), fr.line);
+                let top = last.entry(hook).or_insert(prio);
+                *top = (*top).max(prio);
                 wanted.push(Rule {
                     ifindex: link.index,
                     direction,
@@ -453,7 +454,6 @@ impl Imq {
                     matches: fr.matches,
                     actions: fr.actions,
                 });
-                lines.push(fr.line);
             }
         }
         if wanted.len() > MAX_RULES as usize {
@@ -472,11 +472,12 @@ impl Imq {
         let old = state.rules()?;
         // A rule that is already there, the same in every respect, keeps its id and
         // so its counters.
+        let old_ids: HashMap<Rule, u32> = old.iter().map(|(id, r)| (*r, *id)).collect();
         let mut new: Vec<(u32, Rule)> = Vec::with_capacity(wanted.len());
         let mut fresh = Vec::new();
         for r in wanted {
-            match old.iter().find(|(_, o)| *o == r) {
-                Some((id, _)) => new.push((*id, r)),
+            match old_ids.get(&r) {
+                Some(id) => new.push((*id, r)),
                 None => fresh.push(r),
             }
         }
@@ -529,7 +530,7 @@ impl Imq {
         };
         status.tracks_device_state = state.tracks_device_state();
         let rules = state.rules()?;
-        let mut filters = std::collections::HashMap::new();
+        let mut filters = HashMap::new();
         for (id, r) in &rules {
             let iface = by_index(r.ifindex);
             let attached = match (iface, r.direction) {

@@ -74,21 +74,37 @@ struct RawRule {
     classid: Option<String>,
 }
 
-fn line_of(text: &str, offset: usize) -> usize {
-    text[..offset.min(text.len())].bytes().filter(|&b| b == b'\n').count() + 1
+/// Line numbers of byte offsets: one pass over the text, then a binary search each.
+struct Lines(Vec<usize>);
+
+impl Lines {
+    fn new(text: &str) -> Self {
+        Self(
+            text.bytes()
+                .enumerate()
+                .filter(|&(_, b)| b == b'\n')
+                .map(|(i, _)| i)
+                .collect(),
+        )
+    }
+
+    fn line_of(&self, offset: usize) -> usize {
+        self.0.partition_point(|&nl| nl < offset) + 1
+    }
 }
 
 /// Parses and checks a rule file. Errors name the line of the rule (or of the
 /// TOML error) and the reason. Whether interfaces exist is for the caller to check.
 pub fn parse(text: &str) -> Result<Vec<FileRule>> {
+    let lines = Lines::new(text);
     let file: File = toml::from_str(text).map_err(|e| Error::RuleFile {
-        line: e.span().map_or(1, |s| line_of(text, s.start)),
+        line: e.span().map_or(1, |s| lines.line_of(s.start)),
         message: e.message().trim().replace('\n', " "),
     })?;
     file.rule
         .into_iter()
         .map(|spanned| {
-            let line = line_of(text, spanned.span().start);
+            let line = lines.line_of(spanned.span().start);
             let raw = spanned.into_inner();
             check(raw, line).map_err(|e| match e {
                 Error::RuleFile { .. } => e,

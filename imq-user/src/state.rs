@@ -11,6 +11,7 @@
 //! ```
 
 use std::{
+    collections::HashSet,
     fs, io,
     os::fd::AsFd as _,
     path::{Path, PathBuf},
@@ -263,7 +264,8 @@ impl State {
     /// switched to it in one write, and once no program can still be reading the old
     /// generation it is deleted. Rules whose id is kept keep their counters.
     pub fn commit(&mut self, new: &[(u32, Rule)], compiled: &Compiled) -> Result<()> {
-        let old_ids: Vec<u32> = self.rules()?.iter().map(|(id, _)| *id).collect();
+        let old_ids: HashSet<u32> = self.rules()?.iter().map(|(id, _)| *id).collect();
+        let new_ids: HashSet<u32> = new.iter().map(|(id, _)| *id).collect();
         let active = self
             .active_map()?
             .get(&0, 0)
@@ -318,7 +320,7 @@ impl State {
         sys::wait_for_bpf_programs(devices.fd().as_fd())?;
         self.delete_generation(active as u16)?;
 
-        for id in old_ids.iter().filter(|id| !new.iter().any(|(n, _)| n == *id)) {
+        for id in old_ids.difference(&new_ids) {
             for removed in [self.rules_map()?.remove(id), self.counters_map()?.remove(id)] {
                 match removed {
                     Err(e) if !is_not_found(&e) => return Err(Error::bpf("remove rule", e)),
