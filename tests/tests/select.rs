@@ -130,6 +130,28 @@ fn ipv6_prefix_rules_select_only_their_prefix() {
     );
 }
 
+/// `--classid` on egress: the cls_bpf filter sets skb->priority before mirred sends
+/// the packet to imq0, whose HTB has no filter.
+#[test]
+fn classid_works_on_egress() {
+    require_root();
+    let pair = Pair::new("cle").unwrap();
+    let c = &pair.client;
+    c.imqctl_ok(&["attach", "c0", "-d", "egress", "--proto", "tcp", "--dport", "5350", "--classid", "1:10"]);
+    c.tc(&["qdisc", "replace", "dev", "imq0", "root", "handle", "1:", "htb"]).unwrap();
+    c.tc(&[
+        "class", "add", "dev", "imq0", "parent", "1:", "classid", "1:10", "htb", "rate", "20mbit", "ceil", "20mbit",
+    ])
+    .unwrap();
+    assert_rate(
+        goodput(c, &pair.server, &pair.server_v6(), 5350),
+        20.0,
+        0.15,
+        "IPv6 port 5350 in class 1:10 (20mbit), egress",
+    );
+    assert_unshaped(goodput(c, &pair.server, &pair.server_v6(), 5351), "port 5351, no rule");
+}
+
 /// Packets counted by the first rule of a mangle PREROUTING chain.
 fn prerouting_packets(ns: &NetNs, tool: &str) -> u64 {
     let out = ns.exec(tool, &["-t", "mangle", "-nvxL", "PREROUTING"]).unwrap();
@@ -372,7 +394,15 @@ fn rule_files_are_checked_whole_and_export_reads_back() {
     );
     assert_eq!(rule_at(&applied, "s0", 20)["dscp"], 46);
 
+    // detach picks rules by exact match or by prio.
     let exported = s.imqctl_ok(&["export"]);
+    s.imqctl_ok(&["detach", "s0", "--dscp", "46"]);
+    s.imqctl_ok(&["detach", "s0", "-d", "egress", "--prio", "10"]);
+    let left = config(s);
+    let left = left["rules"].as_array().unwrap();
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert_eq!((left[0]["direction"].as_str(), left[0]["classid"].as_str()), (Some("ingress"), Some("1:10")));
+
     s.imqctl_ok(&["flush"]);
     let r = apply(s, &exported);
     assert_eq!(r.code, 0, "{}\n{exported}", r.stderr);
