@@ -205,13 +205,30 @@ fn search(hook: HookKey, shapes: &Hook, flow: &FlowKey) -> Option<Target> {
     best
 }
 
+/// `size_of::<T>()` bytes of the packet at `off`: read in place when they are in the
+/// linear data (no helper call), else copied by bpf_skb_load_bytes, which also reads
+/// paged data and fails past the end of the packet.
+#[inline(always)]
+fn read<T: Copy>(ctx: &TcContext, off: usize) -> Option<T> {
+    let (data, end) = (ctx.data(), ctx.data_end());
+    // The bound lets the verifier see the in-place read stays within the packet.
+    if off <= DIRECT_READ_LIMIT && data + off + size_of::<T>() <= end {
+        // SAFETY: [data + off, data + off + size) is within the linear data.
+        Some(unsafe { core::ptr::read_unaligned((data + off) as *const T) })
+    } else {
+        ctx.load::<T>(off).ok()
+    }
+}
+
+/// Offsets up to this are read in place when the linear data has them.
+const DIRECT_READ_LIMIT: usize = 256;
+
 /// The packet's [`FlowKey`], or `None` for what is not a complete IPv4/IPv6 header
 /// behind an Ethernet header: ARP, in-band VLAN tags and other frames are never
-/// queued. Reads go through bpf_skb_load_bytes, so headers in a non-linear part are
-/// read correctly and a short packet fails the read.
+/// queued. A short packet fails the read (see [`read`]).
 #[inline(always)]
 fn parse(ctx: &TcContext) -> Option<FlowKey> {
-    let ethertype = u16::from_be(ctx.load::<u16>(12).ok()?);
+    let ethertype = u16::from_be(read::<u16>(ctx, 12)?);
     // SAFETY: ctx.skb.skb is the context pointer the kernel gave this program.
     let mark = unsafe { (*ctx.skb.skb).mark };
     let mut flow = FlowKey {
@@ -226,7 +243,7 @@ fn parse(ctx: &TcContext) -> Option<FlowKey> {
     flow.proto = proto;
     if first_fragment && matches!(proto, IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP | IPPROTO_UDPLITE) {
         // Truncated transport header: no ports, so no port rule matches.
-        if let Ok(ports) = ctx.load::<[u8; 4]>(l4) {
+        if let Some(ports) = read::<[u8; 4]>(ctx, l4) {
             flow.sport = u16::from_be_bytes([ports[0], ports[1]]);
             flow.dport = u16::from_be_bytes([ports[2], ports[3]]);
             flow.flags |= FLOW_PORTS;
@@ -239,13 +256,13 @@ fn parse(ctx: &TcContext) -> Option<FlowKey> {
 /// the transport header is in this packet: not a non-first fragment).
 #[inline(always)]
 fn parse_ipv4(ctx: &TcContext, flow: &mut FlowKey) -> Option<(u8, usize, bool)> {
-    let h = ctx.load::<[u8; IPV4_MIN_HLEN]>(ETH_HLEN).ok()?;
+    let h = read::<[u8; IPV4_MIN_HLEN]>(ctx, ETH_HLEN)?;
     let hlen = usize::from(h[0] & 0xf) * 4;
     if h[0] >> 4 != 4 || hlen < IPV4_MIN_HLEN {
         return None;
     }
     // The whole header as IHL declares it, options included.
-    ctx.load::<u8>(ETH_HLEN + hlen - 1).ok()?;
+    read::<u8>(ctx, ETH_HLEN + hlen - 1)?;
     flow.family = 4;
     flow.dscp = h[1] >> 2;
     flow.src[0] = u32::from_ne_bytes([h[12], h[13], h[14], h[15]]);
@@ -257,7 +274,7 @@ fn parse_ipv4(ctx: &TcContext, flow: &mut FlowKey) -> Option<(u8, usize, bool)> 
 /// As [`parse_ipv4`], walking at most [`MAX_EXT_HEADERS`] extension headers.
 #[inline(always)]
 fn parse_ipv6(ctx: &TcContext, flow: &mut FlowKey) -> Option<(u8, usize, bool)> {
-    let h = ctx.load::<[u8; IPV6_HLEN]>(ETH_HLEN).ok()?;
+    let h = read::<[u8; IPV6_HLEN]>(ctx, ETH_HLEN)?;
     if h[0] >> 4 != 6 {
         return None;
     }
@@ -274,7 +291,7 @@ fn parse_ipv6(ctx: &TcContext, flow: &mut FlowKey) -> Option<(u8, usize, bool)> 
         let len = match next {
             IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS | IPPROTO_AH | IPPROTO_FRAGMENT => {
                 // Next header, then the length (8-octet units; 4-octet units for AH).
-                let Ok(e) = ctx.load::<[u8; 4]>(off) else {
+                let Some(e) = read::<[u8; 4]>(ctx, off) else {
                     // Truncated: the protocol stays the header we could not read.
                     return Some((next, off, false));
                 };

@@ -196,7 +196,10 @@ fn bad_input_is_refused_and_changes_nothing() {
         (&["dev", "add", "imq1", "--txqueuelen", "0"], "invalid txqueuelen"),
         (&["frobnicate"], "unrecognized subcommand"),
         (&["attach", "s0", "--dport", "80"], "ports need --proto tcp, udp"),
-        (&["attach", "s0", "--proto", "icmp", "--sport", "1"], "ports need --proto tcp, udp"),
+        (
+            &["attach", "s0", "--proto", "icmp", "--sport", "1"],
+            "ports need --proto tcp, udp",
+        ),
         (&["attach", "s0", "--src", "198.18.0.1/24"], "host bits are set"),
         (&["attach", "s0", "--dst", "2001:db8::/129"], "at most /128"),
         (
@@ -204,13 +207,22 @@ fn bad_input_is_refused_and_changes_nothing() {
             "different address families",
         ),
         (&["attach", "s0", "--proto", "tcpp"], "invalid protocol"),
-        (&["attach", "s0", "--proto", "tcp", "--dport", "90-80"], "the range is empty"),
+        (
+            &["attach", "s0", "--proto", "tcp", "--dport", "90-80"],
+            "the range is empty",
+        ),
         (&["attach", "s0", "--dscp", "64"], "invalid DSCP"),
         (&["attach", "s0", "--classid", "0:10"], "invalid classid"),
         (&["attach", "s0", "--classid", "1"], "invalid classid"),
         (&["attach", "s0", "--set-mark", "0x10/0x1"], "outside the mask"),
-        (&["detach", "s0", "--proto", "udp"], "no imq rule on s0 ingress matching proto udp"),
-        (&["detach", "s0", "--prio", "99"], "no imq rule on s0 ingress at prio 99"),
+        (
+            &["detach", "s0", "--proto", "udp"],
+            "no imq rule on s0 ingress matching proto udp",
+        ),
+        (
+            &["detach", "s0", "--prio", "99"],
+            "no imq rule on s0 ingress at prio 99",
+        ),
     ];
     for (args, expect) in cases {
         let r = s.imqctl(args);

@@ -137,8 +137,20 @@ fn classid_works_on_egress() {
     require_root();
     let pair = Pair::new("cle").unwrap();
     let c = &pair.client;
-    c.imqctl_ok(&["attach", "c0", "-d", "egress", "--proto", "tcp", "--dport", "5350", "--classid", "1:10"]);
-    c.tc(&["qdisc", "replace", "dev", "imq0", "root", "handle", "1:", "htb"]).unwrap();
+    c.imqctl_ok(&[
+        "attach",
+        "c0",
+        "-d",
+        "egress",
+        "--proto",
+        "tcp",
+        "--dport",
+        "5350",
+        "--classid",
+        "1:10",
+    ]);
+    c.tc(&["qdisc", "replace", "dev", "imq0", "root", "handle", "1:", "htb"])
+        .unwrap();
     c.tc(&[
         "class", "add", "dev", "imq0", "parent", "1:", "classid", "1:10", "htb", "rate", "20mbit", "ceil", "20mbit",
     ])
@@ -401,7 +413,10 @@ fn rule_files_are_checked_whole_and_export_reads_back() {
     let left = config(s);
     let left = left["rules"].as_array().unwrap();
     assert_eq!(left.len(), 1, "{left:?}");
-    assert_eq!((left[0]["direction"].as_str(), left[0]["classid"].as_str()), (Some("ingress"), Some("1:10")));
+    assert_eq!(
+        (left[0]["direction"].as_str(), left[0]["classid"].as_str()),
+        (Some("ingress"), Some("1:10"))
+    );
 
     s.imqctl_ok(&["flush"]);
     let r = apply(s, &exported);

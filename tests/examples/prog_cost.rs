@@ -1,0 +1,59 @@
+//! For `cargo xtask bench`: what the ingress program itself costs per packet, with
+//! 1, 100, 1,000 and 10,000 rules, through BPF_PROG_TEST_RUN with many repeats (the
+//! kernel times the program alone). Prints one JSON array:
+//! `[{"rules": N, "ns_per_packet": X, "runs_ns": [...]}, ...]`. Needs root.
+
+#[allow(dead_code)]
+#[path = "../tests/harness/mod.rs"]
+mod harness;
+
+use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
+use harness::{A, B, Harness, TC_ACT_REDIRECT, ipv4, ports, rule_to};
+use imq::rule::Rule;
+use imq_common::INGRESS_PROG;
+
+const REPEAT: u32 = 500_000;
+const RUNS: usize = 5;
+
+fn main() -> anyhow::Result<()> {
+    let mut h = Harness::new();
+    // n - 1 per-host rules no test packet matches, then a catch-all: the shape of the
+    // bench's rule-scale case.
+    let frame = ipv4(A, B, 0, 17, 0, &ports(40000, 5201));
+    let mut out = Vec::new();
+    for n in [1u32, 100, 1000, 10_000] {
+        let mut rules: Vec<(u32, Rule)> = (0..n - 1)
+            .map(|i| {
+                (
+                    i,
+                    rule_to(i + 1, 0, &format!("dst 203.0.{}.{}/32", i / 250, i % 250 + 1)),
+                )
+            })
+            .collect();
+        rules.push((n - 1, rule_to(100_000, 0, "")));
+        h.install(&rules);
+        let prog: &SchedClassifier = h.ebpf.program(INGRESS_PROG).unwrap().try_into()?;
+        let mut runs = Vec::new();
+        for _ in 0..RUNS {
+            let ctx = [0u8; 192];
+            let opts = TestRunOptions {
+                data_in: Some(&frame),
+                ctx_in: Some(&ctx),
+                repeat: REPEAT,
+                ..TestRunOptions::new()
+            };
+            let r = prog.test_run(opts)?;
+            anyhow::ensure!(
+                r.return_value == TC_ACT_REDIRECT,
+                "verdict {} with {n} rules",
+                r.return_value
+            );
+            runs.push(r.duration.as_nanos() as f64);
+        }
+        let mut sorted = runs.clone();
+        sorted.sort_by(f64::total_cmp);
+        out.push(serde_json::json!({ "rules": n, "ns_per_packet": sorted[RUNS / 2], "runs_ns": runs }));
+    }
+    println!("{}", serde_json::to_string(&out)?);
+    Ok(())
+}
