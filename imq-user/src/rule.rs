@@ -547,30 +547,30 @@ impl Match {
     }
 }
 
+impl Match {
+    /// The fields that are set, named as the flags and rule file keys name them.
+    pub fn fields(&self) -> Vec<(&'static str, String)> {
+        fn s(v: Option<impl fmt::Display>) -> Option<String> {
+            v.map(|v| v.to_string())
+        }
+        [
+            ("mark", s(self.mark)),
+            ("src", s(self.src)),
+            ("dst", s(self.dst)),
+            ("proto", s(self.proto)),
+            ("sport", s(self.sport)),
+            ("dport", s(self.dport)),
+            ("dscp", s(self.dscp)),
+        ]
+        .into_iter()
+        .filter_map(|(k, v)| Some((k, v?)))
+        .collect()
+    }
+}
+
 impl fmt::Display for Match {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut parts = Vec::new();
-        if let Some(v) = self.mark {
-            parts.push(format!("mark {v}"));
-        }
-        if let Some(v) = self.src {
-            parts.push(format!("src {v}"));
-        }
-        if let Some(v) = self.dst {
-            parts.push(format!("dst {v}"));
-        }
-        if let Some(v) = self.proto {
-            parts.push(format!("proto {v}"));
-        }
-        if let Some(v) = self.sport {
-            parts.push(format!("sport {v}"));
-        }
-        if let Some(v) = self.dport {
-            parts.push(format!("dport {v}"));
-        }
-        if let Some(v) = self.dscp {
-            parts.push(format!("dscp {v}"));
-        }
+        let parts: Vec<String> = self.fields().into_iter().map(|(k, v)| format!("{k} {v}")).collect();
         if parts.is_empty() {
             f.write_str("all")
         } else {

@@ -169,20 +169,14 @@ pub fn render(rules: &[(String, Rule)]) -> String {
             r.dev,
             r.prio
         );
-        let mut field = |key: &str, value: Option<String>| {
-            if let Some(v) = value {
-                let _ = writeln!(out, "{key} = \"{v}\"");
-            }
-        };
-        field("mark", m.mark.map(|v| v.to_string()));
-        field("src", m.src.map(|v| v.to_string()));
-        field("dst", m.dst.map(|v| v.to_string()));
-        field("proto", m.proto.map(|v| v.to_string()));
-        field("sport", m.sport.map(|v| v.to_string()));
-        field("dport", m.dport.map(|v| v.to_string()));
-        field("dscp", m.dscp.map(|v| v.to_string()));
-        field("set_mark", r.actions.set_mark.map(|v| v.to_string()));
-        field("classid", r.actions.classid.map(|v| v.to_string()));
+        let actions = [
+            ("set_mark", r.actions.set_mark.map(|v| v.to_string())),
+            ("classid", r.actions.classid.map(|v| v.to_string())),
+        ];
+        let fields = m.fields().into_iter().chain(actions.into_iter().filter_map(|(k, v)| Some((k, v?))));
+        for (key, value) in fields {
+            let _ = writeln!(out, "{key} = {}", quote(&value));
+        }
     }
     out
 }
