@@ -173,7 +173,10 @@ pub fn render(rules: &[(String, Rule)]) -> String {
             ("set_mark", r.actions.set_mark.map(|v| v.to_string())),
             ("classid", r.actions.classid.map(|v| v.to_string())),
         ];
-        let fields = m.fields().into_iter().chain(actions.into_iter().filter_map(|(k, v)| Some((k, v?))));
+        let fields = m
+            .fields()
+            .into_iter()
+            .chain(actions.into_iter().filter_map(|(k, v)| Some((k, v?))));
         for (key, value) in fields {
             let _ = writeln!(out, "{key} = {}", quote(&value));
         }
