@@ -18,11 +18,12 @@
 //!
 //! # Atomic changes
 //!
-//! Hooks and entries carry a generation, 0 or 1; [`ACTIVE_MAP`] holds the one the
-//! data path uses. A change writes the complete new rule set into the other
-//! generation, flips [`ACTIVE_MAP`], waits for an RCU grace period (no program still
-//! reads the old generation), then deletes the old one. A packet is classified
-//! entirely by the old rules or entirely by the new ones.
+//! Rules, hooks and entries carry a generation, 0 or 1; [`ACTIVE_MAP`] holds the one
+//! in force. A change writes the complete new rule set into the other generation,
+//! flips [`ACTIVE_MAP`], waits for an RCU grace period (no program still reads the
+//! old generation), then deletes the old one. A packet is classified entirely by the
+//! old rules or entirely by the new ones, and a change that fails before the flip
+//! leaves the old ones in force, for the data path and for imqctl alike.
 #![no_std]
 
 /// imq devices are named `imq0` .. `imq{MAX_DEVICES - 1}`; the number indexes
@@ -197,8 +198,17 @@ pub struct Target {
 pub const TARGET_SET_MARK: u32 = 1;
 pub const TARGET_SET_PRIORITY: u32 = 2;
 
-/// Value of [`RULES_MAP`], by rule id: a rule as the user wrote it. Only the control
-/// plane reads it; the data path uses what it was compiled into.
+/// Key of [`RULES_MAP`]: the rules are kept per generation too, so that what imqctl
+/// reports and builds on switches with the data path, in the same write.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct RuleKey {
+    pub id: u32,
+    pub generation: u32,
+}
+
+/// Value of [`RULES_MAP`]: a rule as the user wrote it. Only the control plane reads
+/// it; the data path uses what it was compiled into.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct RuleSpec {
@@ -264,6 +274,7 @@ const _: () = {
     assert!(core::mem::size_of::<EntryKey>() == 56);
     assert!(core::mem::size_of::<Target>() == 32);
     assert!(core::mem::size_of::<RuleSpec>() == 88);
+    assert!(core::mem::size_of::<RuleKey>() == 8);
     assert!(core::mem::size_of::<Device>() == 8);
     assert!(core::mem::size_of::<Counters>() == 16);
 };
@@ -279,6 +290,7 @@ mod pod {
     unsafe impl aya::Pod for super::EntryKey {}
     unsafe impl aya::Pod for super::Target {}
     unsafe impl aya::Pod for super::RuleSpec {}
+    unsafe impl aya::Pod for super::RuleKey {}
     unsafe impl aya::Pod for super::Device {}
     unsafe impl aya::Pod for super::Counters {}
 }

@@ -22,7 +22,8 @@ use aya_ebpf::{
 };
 use imq_common::{
     Counters, DEVICE_DOWN, DIRECTION_EGRESS, DIRECTION_INGRESS, Device, EntryKey, FLOW_PORTS, FlowKey, Hook, HookKey,
-    MAX_DEVICES, MAX_ENTRIES, MAX_HOOKS, MAX_RULES, MAX_SHAPES, RuleSpec, TARGET_SET_MARK, TARGET_SET_PRIORITY, Target,
+    MAX_DEVICES, MAX_ENTRIES, MAX_HOOKS, MAX_RULES, MAX_SHAPES, RuleKey, RuleSpec, TARGET_SET_MARK,
+    TARGET_SET_PRIORITY, Target,
 };
 
 /// The generation in use (index 0). Only ever 0 or 1, so a reader racing the flip
@@ -40,9 +41,10 @@ static HOOKS: HashMap<HookKey, Hook> = HashMap::with_max_entries(MAX_HOOKS, BPF_
 #[map(name = "imq_entries")]
 static ENTRIES: HashMap<EntryKey, Target> = HashMap::with_max_entries(MAX_ENTRIES, BPF_F_NO_PREALLOC);
 
-/// The rules as written, by id. The control plane's record; never read here.
+/// The rules as written, by id and generation. The control plane's record; never
+/// read here.
 #[map(name = "imq_rules")]
-static RULES: HashMap<u32, RuleSpec> = HashMap::with_max_entries(MAX_RULES, BPF_F_NO_PREALLOC);
+static RULES: HashMap<RuleKey, RuleSpec> = HashMap::with_max_entries(2 * MAX_RULES, BPF_F_NO_PREALLOC);
 
 /// imq device number -> ifindex.
 #[map(name = "imq_devices")]

@@ -28,7 +28,7 @@ use aya::{
 };
 use imq_common::{
     ACTIVE_MAP, COUNTERS_MAP, Counters, DEVICE_DOWN, DEVICES_MAP, Device, EGRESS_PROG, ENTRIES_MAP, EntryKey,
-    HOOKS_MAP, Hook, HookKey, IFB_CLOSE_PROG, IFB_OPEN_PROG, INGRESS_PROG, RULES_MAP, RuleSpec, Target,
+    HOOKS_MAP, Hook, HookKey, IFB_CLOSE_PROG, IFB_OPEN_PROG, INGRESS_PROG, RULES_MAP, RuleKey, RuleSpec, Target,
 };
 
 use crate::{
@@ -227,7 +227,7 @@ impl State {
             .ok_or_else(|| Error::Bpf(format!("map {name} missing from the object")))
     }
 
-    fn rules_map(&mut self) -> Result<HashMap<&mut MapData, u32, RuleSpec>> {
+    fn rules_map(&mut self) -> Result<HashMap<&mut MapData, RuleKey, RuleSpec>> {
         HashMap::try_from(self.map_mut(RULES_MAP)?).map_err(|e| Error::bpf(RULES_MAP, e))
     }
 
@@ -247,51 +247,90 @@ impl State {
         PerCpuHashMap::try_from(self.map_mut(COUNTERS_MAP)?).map_err(|e| Error::bpf(COUNTERS_MAP, e))
     }
 
-    /// Every rule, by id. A record this imqctl cannot read (from a newer one) is an
-    /// error rather than something to drop silently.
+    fn active_generation(&mut self) -> Result<u32> {
+        let g = self
+            .active_map()?
+            .get(&0, 0)
+            .map_err(|e| Error::bpf("read generation", e))?;
+        Ok(g & 1)
+    }
+
+    /// Every rule in force, by id. A record this imqctl cannot read (from a newer one)
+    /// is an error rather than something to drop silently.
     pub fn rules(&mut self) -> Result<Vec<(u32, Rule)>> {
+        let generation = self.active_generation()?;
         let mut rules = Vec::new();
         for item in self.rules_map()?.iter() {
-            let (id, spec) = item.map_err(|e| Error::bpf("read rules", e))?;
-            let rule = Rule::from_spec(&spec).ok_or_else(|| Error::Bpf(format!("rule {id} has an unknown layout")))?;
-            rules.push((id, rule));
+            let (key, spec) = item.map_err(|e| Error::bpf("read rules", e))?;
+            if key.generation != generation {
+                continue;
+            }
+            let rule =
+                Rule::from_spec(&spec).ok_or_else(|| Error::Bpf(format!("rule {} has an unknown layout", key.id)))?;
+            rules.push((key.id, rule));
         }
         Ok(rules)
     }
 
-    /// Replaces every rule with `new` (id, rule), as one change for the data path:
-    /// the new rules are compiled into the generation not in use, the data path is
-    /// switched to it in one write, and once no program can still be reading the old
-    /// generation it is deleted. Rules whose id is kept keep their counters.
+    /// Replaces every rule with `new` (id, rule), as one change: the rules and what
+    /// they compile to are written into the generation not in use, the data path (and
+    /// what `rules` reads) is switched to it in one write, and once no program can
+    /// still be reading the old generation it is deleted. If writing fails, the new
+    /// generation is deleted again and nothing has changed. Rules whose id is kept
+    /// keep their counters.
     pub fn commit(&mut self, new: &[(u32, Rule)], compiled: &Compiled) -> Result<()> {
+        let active = self.active_generation()?;
+        let next = active ^ 1;
         let old_ids: HashSet<u32> = self.rules()?.iter().map(|(id, _)| *id).collect();
         let new_ids: HashSet<u32> = new.iter().map(|(id, _)| *id).collect();
-        let active = self
-            .active_map()?
-            .get(&0, 0)
-            .map_err(|e| Error::bpf("read generation", e))?
-            & 1;
-        let next = active ^ 1;
         // A command that died half-way may have left parts of `next` behind.
-        self.delete_generation(next as u16)?;
+        self.delete_generation(next)?;
+        let created: Vec<u32> = new_ids.difference(&old_ids).copied().collect();
+        if let Err(e) = self.write_generation(next, new, compiled, &created) {
+            let _ = self.delete_generation(next);
+            let _ = self.remove_counters(&created);
+            return Err(e);
+        }
 
+        self.active_map()?
+            .set(0, next, 0)
+            .map_err(|e| Error::bpf("switch generation", e))?;
+        let Some(aya::maps::Map::Array(devices)) = self.ebpf.map(DEVICES_MAP) else {
+            return Err(Error::Bpf(format!("map {DEVICES_MAP} missing from the object")));
+        };
+        sys::wait_for_bpf_programs(devices.fd().as_fd())?;
+        self.delete_generation(active)?;
+        let removed: Vec<u32> = old_ids.difference(&new_ids).copied().collect();
+        self.remove_counters(&removed)
+    }
+
+    /// Everything of generation `generation` but the switch: zeroed counters for the
+    /// rules in `created`, the rules, the hooks, then the entries (see
+    /// delete_generation for why in this order).
+    fn write_generation(
+        &mut self,
+        generation: u32,
+        new: &[(u32, Rule)],
+        compiled: &Compiled,
+        created: &[u32],
+    ) -> Result<()> {
         let cpus = aya::util::nr_cpus().map_err(|(what, e)| Error::io(what, e))?;
+        let mut counters = self.counters_map()?;
+        for id in created {
+            let zero =
+                PerCpuValues::try_from(vec![Counters::default(); cpus]).map_err(|e| Error::io("per-CPU values", e))?;
+            counters
+                .insert(id, zero, 0)
+                .map_err(|e| Error::bpf("create counters", e))?;
+        }
+        let mut rules = self.rules_map()?;
         for (id, rule) in new {
-            if !old_ids.contains(id) {
-                let zero = PerCpuValues::try_from(vec![Counters::default(); cpus])
-                    .map_err(|e| Error::io("per-CPU values", e))?;
-                self.counters_map()?
-                    .insert(id, zero, 0)
-                    .map_err(|e| Error::bpf("create counters", e))?;
-            }
-            self.rules_map()?
-                .insert(id, rule.to_spec(), 0)
+            rules
+                .insert(RuleKey { id: *id, generation }, rule.to_spec(), 0)
                 .map_err(|e| Error::bpf("write rule", e))?;
         }
-        // Hooks first: a generation that has hooks may have entries (see
-        // delete_generation).
         let with_generation = |mut k: HookKey| {
-            k.generation = next as u16;
+            k.generation = generation as u16;
             k
         };
         let mut hooks = self.hooks_map()?;
@@ -310,60 +349,58 @@ impl State {
                 .insert(key, target, 0)
                 .map_err(|e| Error::bpf("write rule entry", e))?;
         }
+        Ok(())
+    }
 
-        self.active_map()?
-            .set(0, next, 0)
-            .map_err(|e| Error::bpf("switch generation", e))?;
-        let Some(aya::maps::Map::Array(devices)) = self.ebpf.map(DEVICES_MAP) else {
-            return Err(Error::Bpf(format!("map {DEVICES_MAP} missing from the object")));
-        };
-        sys::wait_for_bpf_programs(devices.fd().as_fd())?;
-        self.delete_generation(active as u16)?;
-
-        for id in old_ids.difference(&new_ids) {
-            for removed in [self.rules_map()?.remove(id), self.counters_map()?.remove(id)] {
-                match removed {
-                    Err(e) if !is_not_found(&e) => return Err(Error::bpf("remove rule", e)),
-                    _ => {}
-                }
+    fn remove_counters(&mut self, ids: &[u32]) -> Result<()> {
+        let mut counters = self.counters_map()?;
+        for id in ids {
+            match counters.remove(id) {
+                Err(e) if !is_not_found(&e) => return Err(Error::bpf("remove counters", e)),
+                _ => {}
             }
         }
         Ok(())
     }
 
-    /// Deletes a generation's hooks and entries, entries first, so that a generation
-    /// without hooks has no entries either and cleaning up after a crash looks at the
-    /// entries only when there are hooks.
-    fn delete_generation(&mut self, generation: u16) -> Result<()> {
+    /// Deletes a generation: entries, hooks, then rules. Entries are written after
+    /// hooks and deleted before them, so a generation without hooks has no entries, and
+    /// cleaning up after a crash looks through the (large) entry map only when it
+    /// finds hooks.
+    fn delete_generation(&mut self, generation: u32) -> Result<()> {
+        fn remove_all<K: aya::Pod>(map: &mut HashMap<&mut MapData, K, impl aya::Pod>, keys: Vec<K>) -> Result<()> {
+            for key in keys {
+                match map.remove(&key) {
+                    Err(e) if !is_not_found(&e) => return Err(Error::bpf("delete old generation", e)),
+                    _ => {}
+                }
+            }
+            Ok(())
+        }
+        let g16 = generation as u16;
         let hooks: Vec<HookKey> = self
             .hooks_map()?
             .keys()
             .filter_map(|k| k.ok())
-            .filter(|k| k.generation == generation)
+            .filter(|k| k.generation == g16)
             .collect();
-        if hooks.is_empty() {
-            return Ok(());
+        if !hooks.is_empty() {
+            let mut entries = self.entries_map()?;
+            let stale: Vec<EntryKey> = entries
+                .keys()
+                .filter_map(|k| k.ok())
+                .filter(|k| k.hook.generation == g16)
+                .collect();
+            remove_all(&mut entries, stale)?;
+            remove_all(&mut self.hooks_map()?, hooks)?;
         }
-        let mut entries = self.entries_map()?;
-        let stale: Vec<EntryKey> = entries
+        let mut rules = self.rules_map()?;
+        let stale: Vec<RuleKey> = rules
             .keys()
             .filter_map(|k| k.ok())
-            .filter(|k| k.hook.generation == generation)
+            .filter(|k| k.generation == generation)
             .collect();
-        for key in stale {
-            match entries.remove(&key) {
-                Err(e) if !is_not_found(&e) => return Err(Error::bpf("delete rule entry", e)),
-                _ => {}
-            }
-        }
-        let mut map = self.hooks_map()?;
-        for key in hooks {
-            match map.remove(&key) {
-                Err(e) if !is_not_found(&e) => return Err(Error::bpf("delete hook", e)),
-                _ => {}
-            }
-        }
-        Ok(())
+        remove_all(&mut rules, stale)
     }
 
     /// The device table's entry for imq device number `dev` (ifindex 0: none).
