@@ -48,6 +48,7 @@ pub const ACTIVE_MAP: &str = "imq_active";
 pub const HOOKS_MAP: &str = "imq_hooks";
 pub const ENTRIES_MAP: &str = "imq_entries";
 pub const DEVICES_MAP: &str = "imq_devices";
+pub const IFINDEXES_MAP: &str = "imq_ifindexes";
 pub const COUNTERS_MAP: &str = "imq_counters";
 
 /// Program names in the ELF.

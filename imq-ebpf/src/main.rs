@@ -50,6 +50,11 @@ static RULES: HashMap<RuleKey, RuleSpec> = HashMap::with_max_entries(2 * MAX_RUL
 #[map(name = "imq_devices")]
 static DEVICES: Array<Device> = Array::with_max_entries(MAX_DEVICES, 0);
 
+/// ifindex -> imq device number: which interfaces are imq devices (a packet one of
+/// them re-injects on egress is never selected again).
+#[map(name = "imq_ifindexes")]
+static IFINDEXES: HashMap<u32, u32> = HashMap::with_max_entries(2 * MAX_DEVICES, 0);
+
 /// Per-rule packets and bytes sent to the imq device, per CPU. The control plane
 /// creates a rule's slot (zeroed) before the rule can match and deletes it after.
 #[map(name = "imq_counters")]
@@ -114,14 +119,22 @@ pub fn imq_egress(ctx: TcContext) -> i32 {
         return CLS_NO_MATCH;
     }
     match select(&ctx, DIRECTION_EGRESS) {
-        // Also covers a packet re-injected by another imq device whose filter comes
-        // later: never selected, never counted twice.
-        Some(sel) if sel.target.dev == filter_dev && came_from != sel.ifindex => {
+        // A packet another imq device re-injected is not selected again either. It
+        // usually classifies as it did the first time, for that other device, but a
+        // rule's --set-mark may have made it match a rule for this one.
+        Some(sel) if sel.target.dev == filter_dev && !is_imq_device(came_from) => {
             act(&ctx, &sel);
             CLS_MATCH
         }
         _ => CLS_NO_MATCH,
     }
+}
+
+/// Whether `ifindex` is an imq device (0, "none", is not).
+#[inline(always)]
+fn is_imq_device(ifindex: u32) -> bool {
+    // SAFETY: only whether the key exists is used.
+    ifindex != 0 && unsafe { IFINDEXES.get(&ifindex) }.is_some()
 }
 
 /// What the first matching rule decided, and the ifindex of its imq device.

@@ -28,7 +28,8 @@ use aya::{
 };
 use imq_common::{
     ACTIVE_MAP, COUNTERS_MAP, Counters, DEVICE_DOWN, DEVICES_MAP, Device, EGRESS_PROG, ENTRIES_MAP, EntryKey,
-    HOOKS_MAP, Hook, HookKey, IFB_CLOSE_PROG, IFB_OPEN_PROG, INGRESS_PROG, RULES_MAP, RuleKey, RuleSpec, Target,
+    HOOKS_MAP, Hook, HookKey, IFB_CLOSE_PROG, IFB_OPEN_PROG, IFINDEXES_MAP, INGRESS_PROG, RULES_MAP, RuleKey, RuleSpec,
+    Target,
 };
 
 use crate::{
@@ -152,10 +153,18 @@ impl State {
     }
 
     fn load(dir: PathBuf, lock: sys::Lock) -> Result<Self> {
-        let pins: Vec<(&str, PathBuf)> = [RULES_MAP, ACTIVE_MAP, HOOKS_MAP, ENTRIES_MAP, DEVICES_MAP, COUNTERS_MAP]
-            .into_iter()
-            .map(|m| (m, dir.join(m)))
-            .collect();
+        let pins: Vec<(&str, PathBuf)> = [
+            RULES_MAP,
+            ACTIVE_MAP,
+            HOOKS_MAP,
+            ENTRIES_MAP,
+            DEVICES_MAP,
+            IFINDEXES_MAP,
+            COUNTERS_MAP,
+        ]
+        .into_iter()
+        .map(|m| (m, dir.join(m)))
+        .collect();
         let mut loader = EbpfLoader::new();
         // Pinned maps are reused as they are; missing ones are created and pinned.
         for (name, path) in &pins {
@@ -431,6 +440,20 @@ impl State {
     /// records whether that device is up (the device hooks keep it current after).
     pub fn set_device(&mut self, dev: u32, ifindex: u32, up: bool) -> Result<()> {
         let flags = if up { 0 } else { DEVICE_DOWN };
+        let old = self.device(dev)?.ifindex;
+        let mut reverse: HashMap<&mut MapData, u32, u32> =
+            HashMap::try_from(self.map_mut(IFINDEXES_MAP)?).map_err(|e| Error::bpf(IFINDEXES_MAP, e))?;
+        if old != 0 && old != ifindex {
+            match reverse.remove(&old) {
+                Err(e) if !is_not_found(&e) => return Err(Error::bpf("write device table", e)),
+                _ => {}
+            }
+        }
+        if ifindex != 0 {
+            reverse
+                .insert(ifindex, dev, 0)
+                .map_err(|e| Error::bpf("write device table", e))?;
+        }
         self.devices_map()?
             .set(dev, Device { ifindex, flags }, 0)
             .map_err(|e| Error::bpf("write device table", e))

@@ -423,3 +423,40 @@ fn rule_files_are_checked_whole_and_export_reads_back() {
     assert_eq!(r.code, 0, "{}\n{exported}", r.stderr);
     assert_eq!(config(s), applied, "export, then apply, gives back the same rules");
 }
+
+/// A packet an imq device re-injects is never selected again, even when a rule's
+/// `--set-mark` made it match another rule, into another device, on the way back.
+#[test]
+fn a_re_injected_packet_is_not_selected_again_after_set_mark() {
+    require_root();
+    let pair = Pair::new("rei").unwrap();
+    let c = &pair.client;
+    c.imqctl_ok(&[
+        "attach",
+        "c0",
+        "-d",
+        "egress",
+        "--mark",
+        "0x0/0xff",
+        "--set-mark",
+        "0x1/0xff",
+        "--dev",
+        "imq0",
+    ]);
+    c.imqctl_ok(&["attach", "c0", "-d", "egress", "--mark", "0x1/0xff", "--dev", "imq1"]);
+    for dev in ["imq0", "imq1"] {
+        c.tc(&["qdisc", "replace", "dev", dev, "root", "pfifo", "limit", "100000"])
+            .unwrap();
+    }
+    assert_eq!(imq_tests::ping(c, &pair.server_v4(), 5), 5);
+    assert_eq!(imq_tests::ping(c, &pair.server_v6(), 5), 5);
+    let status = show(c);
+    let (first, second) = (rule_at(&status, "c0", 10), rule_at(&status, "c0", 20));
+    assert!(first["packets"].as_u64().unwrap() >= 10, "{status}");
+    assert_eq!(second["packets"], 0, "re-injected packets selected again: {status}");
+    assert_eq!(
+        imq_tests::check::dev_rx(c, "imq1").0,
+        0,
+        "imq1 received re-injected packets"
+    );
+}
