@@ -134,7 +134,7 @@ pub fn imq_egress(ctx: TcContext) -> i32 {
 #[inline(always)]
 fn is_imq_device(ifindex: u32) -> bool {
     // SAFETY: only whether the key exists is used.
-    ifindex != 0 && unsafe { IFINDEXES.get(&ifindex) }.is_some()
+    ifindex != 0 && unsafe { IFINDEXES.get(ifindex) }.is_some()
 }
 
 /// What the first matching rule decided, and the ifindex of its imq device.
