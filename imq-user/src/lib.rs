@@ -406,56 +406,14 @@ impl Imq {
     /// rules name are created if missing. Returns (rules before, rules after).
     pub fn apply(&mut self, rules: &[FileRule]) -> Result<(usize, usize)> {
         let links = self.nl.links()?;
-        let at = |line: usize| {
-            move |e: Error| Error::RuleFile {
-                line,
-                message: e.to_string(),
-            }
-        };
-        let mut wanted: Vec<Rule> = Vec::new();
-        // Per hook: the line of each prio and of each match, and the highest prio.
-        type Hook = (u32, Direction);
-        let mut prios: HashMap<(Hook, u32), usize> = HashMap::new();
-        let mut matches: HashMap<(Hook, Match), usize> = HashMap::new();
-        let mut last: HashMap<Hook, u32> = HashMap::new();
-        for fr in rules {
+        let wanted = rulefile::plan(rules, |name| {
             let link = links
                 .iter()
-                .find(|l| l.name == fr.interface)
-                .ok_or_else(|| Error::NoSuchInterface(fr.interface.clone()))
-                .and_then(|l| check_source(l).map(|()| l))
-                .map_err(at(fr.line))?;
-            for direction in fr.directions.iter() {
-                let hook = (link.index, direction);
-                // Without a prio: after every rule before it on the same hook.
-                let prio = fr.prio.unwrap_or_else(|| {
-                    last.get(&hook)
-                        .map_or(rule::PRIO_STEP, |p| p.saturating_add(rule::PRIO_STEP))
-                });
-                let clash = |what: &str, other: usize| Error::RuleFile {
-                    line: fr.line,
-                    message: format!("{what} as the rule on line {other} ({} {direction})", link.name),
-                };
-                if let Some(&other) = prios.get(&(hook, prio)) {
-                    return Err(clash(&format!("prio {prio} is the same"), other));
-                }
-                if let Some(&other) = matches.get(&(hook, fr.matches)) {
-                    return Err(clash("the same match (so this one could never match)", other));
-                }
-                prios.insert((hook, prio), fr.line);
-                matches.insert((hook, fr.matches), fr.line);
-                let top = last.entry(hook).or_insert(prio);
-                *top = (*top).max(prio);
-                wanted.push(Rule {
-                    ifindex: link.index,
-                    direction,
-                    prio,
-                    dev: fr.dev,
-                    matches: fr.matches,
-                    actions: fr.actions,
-                });
-            }
-        }
+                .find(|l| l.name == name)
+                .ok_or_else(|| Error::NoSuchInterface(name.to_owned()))?;
+            check_source(link)?;
+            Ok(link.index)
+        })?;
         if wanted.len() > MAX_RULES as usize {
             return Err(Error::TooManyRules(MAX_RULES));
         }

@@ -10,14 +10,14 @@
 //! classid = "1:10"
 //! ```
 
-use std::fmt::Write as _;
+use std::{collections::HashMap, fmt::Write as _};
 
 use serde::Deserialize;
 use toml::Spanned;
 
 use crate::{
     error::{Error, Result},
-    rule::{Actions, DevName, Direction, Directions, Match, Rule},
+    rule::{Actions, DevName, Direction, Directions, Match, PRIO_STEP, Rule},
 };
 
 /// One `[[rule]]` of a file, checked field by field; `line` is where it starts.
@@ -153,6 +153,55 @@ fn check(raw: RawRule, line: usize) -> Result<FileRule> {
     })
 }
 
+/// The rules of a file as they will be: interfaces resolved by `ifindex` (which says
+/// why a name cannot carry rules), both directions expanded, prios assigned, and
+/// two rules with one prio or one match on the same hook refused. A rule without a
+/// prio goes after every rule before it in the file on its hook, so file order is
+/// match order.
+pub fn plan(rules: &[FileRule], ifindex: impl Fn(&str) -> Result<u32>) -> Result<Vec<Rule>> {
+    type Hook = (u32, Direction);
+    // Per hook: the line of each prio and of each match, and the highest prio.
+    let mut prios: HashMap<(Hook, u32), usize> = HashMap::new();
+    let mut matches: HashMap<(Hook, Match), usize> = HashMap::new();
+    let mut last: HashMap<Hook, u32> = HashMap::new();
+    let mut planned = Vec::with_capacity(rules.len());
+    for fr in rules {
+        let index = ifindex(&fr.interface).map_err(|e| Error::RuleFile {
+            line: fr.line,
+            message: e.to_string(),
+        })?;
+        for direction in fr.directions.iter() {
+            let hook = (index, direction);
+            let prio = fr
+                .prio
+                .unwrap_or_else(|| last.get(&hook).map_or(PRIO_STEP, |p| p.saturating_add(PRIO_STEP)));
+            let clash = |what: &str, other: usize| Error::RuleFile {
+                line: fr.line,
+                message: format!("{what} as the rule on line {other} ({} {direction})", fr.interface),
+            };
+            if let Some(&other) = prios.get(&(hook, prio)) {
+                return Err(clash(&format!("prio {prio} is the same"), other));
+            }
+            if let Some(&other) = matches.get(&(hook, fr.matches)) {
+                return Err(clash("the same match (so this one could never match)", other));
+            }
+            prios.insert((hook, prio), fr.line);
+            matches.insert((hook, fr.matches), fr.line);
+            let top = last.entry(hook).or_insert(prio);
+            *top = (*top).max(prio);
+            planned.push(Rule {
+                ifindex: index,
+                direction,
+                prio,
+                dev: fr.dev,
+                matches: fr.matches,
+                actions: fr.actions,
+            });
+        }
+    }
+    Ok(planned)
+}
+
 /// The rules (with their interface names) as a rule file `parse` reads back.
 pub fn render(rules: &[(String, Rule)]) -> String {
     let mut out = String::from("# imq rule set: imqctl apply -f FILE\n");
@@ -255,6 +304,59 @@ mod tests {
         );
         assert!(err("[[rules]]\ninterface = \"a\"\n").1.contains("rules"));
         assert_eq!(err("[[rule]\n").0, 1);
+    }
+
+    fn planned(text: &str) -> Result<Vec<(u32, Direction, u32)>> {
+        let rules = parse(text)?;
+        let index = |name: &str| match name {
+            "eth0" => Ok(1),
+            "eth1" => Ok(2),
+            _ => Err(Error::NoSuchInterface(name.to_owned())),
+        };
+        Ok(plan(&rules, index)?
+            .iter()
+            .map(|r| (r.ifindex, r.direction, r.prio))
+            .collect())
+    }
+
+    #[test]
+    fn file_order_is_match_order() {
+        let rule = |iface: &str, extra: &str| format!("[[rule]]\ninterface = \"{iface}\"\n{extra}\n");
+        let text = [
+            rule("eth0", "proto = \"tcp\""),
+            rule("eth0", "proto = \"udp\"\nprio = 5"),
+            rule("eth1", "proto = \"tcp\""),
+            rule("eth0", "proto = \"icmp\""),
+            rule("eth0", "proto = \"gre\"\ndirection = \"both\""),
+        ]
+        .concat();
+        use Direction::{Egress, Ingress};
+        assert_eq!(
+            planned(&text).unwrap(),
+            [
+                (1, Ingress, 10),
+                (1, Ingress, 5),
+                (2, Ingress, 10),
+                (1, Ingress, 20),
+                (1, Ingress, 30),
+                (1, Egress, 10)
+            ]
+        );
+        let dup = [rule("eth0", "prio = 7"), rule("eth0", "prio = 7\nproto = \"tcp\"")].concat();
+        let Err(Error::RuleFile { line: 4, message }) = planned(&dup) else {
+            panic!("duplicate prio accepted");
+        };
+        assert!(
+            message.contains("prio 7 is the same as the rule on line 1 (eth0 ingress)"),
+            "{message}"
+        );
+        let same = [rule("eth0", "dscp = 46"), rule("eth0", "dscp = \"ef\"")].concat();
+        assert!(matches!(planned(&same), Err(Error::RuleFile { line: 4, .. })));
+        let missing = [rule("eth0", ""), rule("eth9", "")].concat();
+        let Err(Error::RuleFile { line: 4, message }) = planned(&missing) else {
+            panic!("missing interface accepted");
+        };
+        assert!(message.contains("no interface 'eth9'"), "{message}");
     }
 
     #[test]
