@@ -115,12 +115,15 @@ impl FlowKey {
     }
 }
 
-/// One shape of a hook: the mask, and the lowest prio among its entries.
+/// One shape of a hook: the mask, the lowest prio among its entries, and the address
+/// family all its entries need (0: either), so that an IPv4 packet skips the shapes
+/// of IPv6 rules and the other way round.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct Shape {
     pub mask: FlowKey,
     pub min_prio: u32,
+    pub family: u32,
 }
 
 /// Key of [`HOOKS_MAP`].
@@ -161,6 +164,7 @@ impl Hook {
                     flags: 0,
                 },
                 min_prio: 0,
+                family: 0,
             }; MAX_SHAPES],
         }
     }
@@ -269,9 +273,9 @@ pub struct Counters {
 
 const _: () = {
     assert!(core::mem::size_of::<FlowKey>() == 44);
-    assert!(core::mem::size_of::<Shape>() == 48);
+    assert!(core::mem::size_of::<Shape>() == 52);
     assert!(core::mem::size_of::<HookKey>() == 8);
-    assert!(core::mem::size_of::<Hook>() == 8 + 48 * MAX_SHAPES);
+    assert!(core::mem::size_of::<Hook>() == 8 + 52 * MAX_SHAPES);
     assert!(core::mem::size_of::<EntryKey>() == 56);
     assert!(core::mem::size_of::<Target>() == 32);
     assert!(core::mem::size_of::<RuleSpec>() == 88);

@@ -205,6 +205,9 @@ fn search(hook: HookKey, shapes: &Hook, flow: &FlowKey) -> Option<Target> {
         if best.is_some_and(|b| b.prio <= shape.min_prio) {
             break;
         }
+        if shape.family != 0 && shape.family != u32::from(flow.family) {
+            continue;
+        }
         let key = EntryKey {
             hook,
             shape: i as u32,

@@ -45,12 +45,16 @@ pub fn compile<'a>(rules: impl IntoIterator<Item = (u32, &'a Rule)>, name: impl 
         let mut order = Vec::new();
         for (id, rule) in rules {
             for (mask, value) in patterns(rule) {
-                let shape = match shapes.iter().position(|s| s.mask == mask) {
+                // Rules of one family get shapes of their own, even where the mask
+                // alone is the same (a /24 of IPv4 and a /24 of IPv6).
+                let family = u32::from(value.family);
+                let shape = match shapes.iter().position(|s| s.mask == mask && s.family == family) {
                     Some(i) => i,
                     None => {
                         shapes.push(Shape {
                             mask,
                             min_prio: rule.prio,
+                            family,
                         });
                         shapes.len() - 1
                     }
@@ -167,6 +171,9 @@ pub fn lookup(compiled: &Compiled, ifindex: u32, direction: Direction, flow: &Fl
     for (i, shape) in hook.shapes[..hook.len as usize].iter().enumerate() {
         if best.is_some_and(|b| b.prio <= shape.min_prio) {
             break;
+        }
+        if shape.family != 0 && shape.family != u32::from(flow.family) {
+            continue;
         }
         let key = EntryKey {
             hook: *hook_key,
@@ -298,6 +305,27 @@ mod tests {
         );
         // An IPv4 address whose bytes equal the IPv6 prefix's is still not in it.
         assert_eq!(select(&rules, &flow("32.1.13.184", "198.18.0.1", 6, None, 0, 0)), None);
+    }
+
+    #[test]
+    fn ipv4_and_ipv6_rules_never_share_a_shape() {
+        // Both masks are the first three bytes; the families tell them apart.
+        let rules = [rule(10, 0, "src 198.18.0.0/24"), rule(20, 1, "src 2001:d00::/24")];
+        let c = compile(rules.iter().enumerate().map(|(i, r)| (i as u32, r)), |i| i.to_string()).unwrap();
+        let hook = &c.hooks[0].1;
+        assert_eq!(hook.len, 2);
+        assert_eq!(hook.shapes[0].mask, hook.shapes[1].mask);
+        assert_eq!((hook.shapes[0].family, hook.shapes[1].family), (4, 6));
+        assert_eq!(
+            select(&rules, &flow("198.18.0.9", "198.19.0.1", 6, None, 0, 0)),
+            Some(0)
+        );
+        assert_eq!(
+            select(&rules, &flow("2001:d00::9", "2001:db8::1", 6, None, 0, 0)),
+            Some(1)
+        );
+        // An IPv6 address whose first bytes are those of the IPv4 prefix.
+        assert_eq!(select(&rules, &flow("c612:0::1", "2001:db8::1", 6, None, 0, 0)), None);
     }
 
     #[test]
