@@ -675,8 +675,7 @@ fn render(r: &Value) -> String {
         o,
         "\nOne rule is one shape (one entry lookup); from two rules on there are two shapes here, the per-host \
          rules and the catch-all, whatever their number. Compare the differences between 100 and 10,000 rules \
-         with the spread of the runs in each row: this VM's noise is of the same size (two earlier runs gave \
-         187 and 187 ns at 10,000)."
+         with the spread of the runs in each row, which is this VM's noise."
     );
 
     let c = &r["control_plane"];
