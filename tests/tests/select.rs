@@ -460,3 +460,92 @@ fn a_re_injected_packet_is_not_selected_again_after_set_mark() {
         "imq1 received re-injected packets"
     );
 }
+
+/// This namespace's SO_NETNS_COOKIE, which names imq's state directory.
+fn netns_cookie(ns: &NetNs) -> u64 {
+    ns.spawn(|| {
+        let sock = std::net::UdpSocket::bind("127.0.0.1:0")?;
+        let mut cookie = 0u64;
+        let mut len = size_of::<u64>() as libc::socklen_t;
+        // SAFETY: a valid socket, and a u64 with its length for the kernel to fill.
+        let ret = unsafe {
+            libc::getsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(&sock),
+                libc::SOL_SOCKET,
+                libc::SO_NETNS_COOKIE,
+                (&raw mut cookie).cast(),
+                &mut len,
+            )
+        };
+        anyhow::ensure!(ret == 0, "SO_NETNS_COOKIE: {}", std::io::Error::last_os_error());
+        Ok(cookie)
+    })
+    .join()
+    .unwrap()
+    .unwrap()
+}
+
+/// What a command that died half-way through a change leaves in the unused
+/// generation (rule records, hooks, entries) is invisible, and the next change clears
+/// it before writing its own.
+#[test]
+fn a_half_written_generation_is_cleared_by_the_next_change() {
+    use aya::maps::{Array, HashMap, Map, MapData};
+    use imq_common::{EntryKey, FlowKey, Hook, HookKey, RuleKey, RuleSpec, Target};
+    require_root();
+    let pair = Pair::new("gen").unwrap();
+    let s = &pair.server;
+    s.imqctl_ok(&["attach", "s0", "--proto", "udp"]);
+    let dir = std::path::PathBuf::from(format!("/sys/fs/bpf/imq/net-{}", netns_cookie(s)));
+    let open = |name: &str| Map::from_map_data(MapData::from_pin(dir.join(name)).unwrap()).unwrap();
+    let active: u32 = Array::<_, u32>::try_from(open("imq_active"))
+        .unwrap()
+        .get(&0, 0)
+        .unwrap();
+    let unused = active ^ 1;
+
+    // The debris of a dead command in the unused generation.
+    let mut rules = HashMap::<_, RuleKey, RuleSpec>::try_from(open("imq_rules")).unwrap();
+    let debris_rule = RuleKey {
+        id: 4242,
+        generation: unused,
+    };
+    rules.insert(debris_rule, RuleSpec::default(), 0).unwrap();
+    let debris_hook = HookKey {
+        ifindex: 999_999,
+        direction: 0,
+        generation: unused as u16,
+    };
+    let mut hooks = HashMap::<_, HookKey, Hook>::try_from(open("imq_hooks")).unwrap();
+    hooks.insert(debris_hook, Hook::empty(), 0).unwrap();
+    let debris_entry = EntryKey {
+        hook: debris_hook,
+        shape: 0,
+        flow: FlowKey::default(),
+    };
+    let mut entries = HashMap::<_, EntryKey, Target>::try_from(open("imq_entries")).unwrap();
+    entries.insert(debris_entry, Target::default(), 0).unwrap();
+
+    // Not part of what is in force.
+    assert_eq!(config(s)["rules"].as_array().unwrap().len(), 1);
+    // The next change clears it, and its own rules are what is in force.
+    s.imqctl_ok(&["attach", "s0", "--proto", "tcp"]);
+    assert!(
+        rules.get(&debris_rule, 0).is_err(),
+        "the debris rule record is still there"
+    );
+    assert!(hooks.get(&debris_hook, 0).is_err(), "the debris hook is still there");
+    assert!(
+        entries.get(&debris_entry, 0).is_err(),
+        "the debris entry is still there"
+    );
+    let status = config(s);
+    let rules_now = status["rules"].as_array().unwrap();
+    assert_eq!(rules_now.len(), 2, "{status}");
+    let in_force: usize = rules
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|k| k.generation == unused)
+        .count();
+    assert_eq!(in_force, 2, "the new generation holds the two rules");
+}
