@@ -250,7 +250,7 @@ impl Imq {
                 // Also repairs what was removed behind imq's back.
                 self.raise(state, links, need)?;
             }
-            state.commit(new, compiled)
+            state.commit(old, new, compiled)
         })();
         if let Err(e) = result {
             for need in raised {

@@ -281,16 +281,17 @@ impl State {
         Ok(rules)
     }
 
-    /// Replaces every rule with `new` (id, rule), as one change: the rules and what
+    /// Replaces every rule, `old` (as [`Self::rules`] read them under this lock), with
+    /// `new` (id, rule), as one change: the rules and what
     /// they compile to are written into the generation not in use, the data path (and
     /// what `rules` reads) is switched to it in one write, and once no program can
     /// still be reading the old generation it is deleted. If writing fails, the new
     /// generation is deleted again and nothing has changed. Rules whose id is kept
     /// keep their counters.
-    pub fn commit(&mut self, new: &[(u32, Rule)], compiled: &Compiled) -> Result<()> {
+    pub fn commit(&mut self, old: &[(u32, Rule)], new: &[(u32, Rule)], compiled: &Compiled) -> Result<()> {
         let active = self.active_generation()?;
         let next = active ^ 1;
-        let old_ids: HashSet<u32> = self.rules()?.iter().map(|(id, _)| *id).collect();
+        let old_ids: HashSet<u32> = old.iter().map(|(id, _)| *id).collect();
         let new_ids: HashSet<u32> = new.iter().map(|(id, _)| *id).collect();
         // A command that died half-way may have left parts of `next` behind.
         self.delete_generation(next)?;
@@ -523,7 +524,8 @@ impl State {
     /// Detaches every TCX link, removes this namespace's pins and directory. Egress
     /// filters are the caller's to remove first (they are netlink objects).
     pub fn destroy(mut self) -> Result<()> {
-        self.commit(&[], &Compiled::default())?;
+        let old = self.rules()?;
+        self.commit(&old, &[], &Compiled::default())?;
         let entries = fs::read_dir(&self.dir).map_err(|e| Error::io("read state directory", e))?;
         for entry in entries {
             let path = entry.map_err(|e| Error::io("read state directory", e))?.path();
