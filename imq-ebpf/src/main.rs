@@ -113,16 +113,15 @@ pub fn imq_egress(ctx: TcContext) -> i32 {
     // SAFETY: ctx.skb.skb is the context pointer the kernel gave this program.
     let (filter_dev, came_from) = unsafe { ((*ctx.skb.skb).tc_classid & 0xffff, (*ctx.skb.skb).ingress_ifindex) };
     // ifb re-injects with dev_queue_xmit and skb_iif set to itself, and classifiers
-    // run again (only actions honour tc_skip_classify). Recognise that second pass
-    // first, from this filter's own device entry: one array read, not a rule lookup.
-    if came_from != 0 && DEVICES.get(filter_dev).is_some_and(|d| d.ifindex == came_from) {
+    // run again (only actions honour tc_skip_classify). A packet any imq device
+    // re-injected is never selected again: not by this device's filter, and not by
+    // another's, which a rule's --set-mark may have made it match. Checked first, so
+    // the second pass costs one lookup, not a classification.
+    if is_imq_device(came_from) {
         return CLS_NO_MATCH;
     }
     match select(&ctx, DIRECTION_EGRESS) {
-        // A packet another imq device re-injected is not selected again either. It
-        // usually classifies as it did the first time, for that other device, but a
-        // rule's --set-mark may have made it match a rule for this one.
-        Some(sel) if sel.target.dev == filter_dev && !is_imq_device(came_from) => {
+        Some(sel) if sel.target.dev == filter_dev => {
             act(&ctx, &sel);
             CLS_MATCH
         }
