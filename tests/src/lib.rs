@@ -471,4 +471,19 @@ impl NetNs {
         assert_eq!(r.code, 0, "imqctl {args:?} failed: {}", r.stderr.trim());
         r.stdout
     }
+
+    /// Runs `imqctl apply -f FILE` with `text` as the rule file.
+    pub fn imqctl_apply(&self, text: &str) -> Imqctl {
+        let path = std::env::temp_dir().join(format!("imq-rules-{}-{}.toml", self.name, unique_id()));
+        if let Err(e) = std::fs::write(&path, text) {
+            return Imqctl {
+                code: -1,
+                stdout: String::new(),
+                stderr: format!("write {}: {e}", path.display()),
+            };
+        }
+        let r = self.imqctl(&["apply", "-f", path.to_str().expect("utf-8 path")]);
+        let _ = std::fs::remove_file(&path);
+        r
+    }
 }

@@ -223,14 +223,6 @@ fn toml_rule(fields: &[(&str, &str)]) -> String {
     t
 }
 
-fn apply(ns: &NetNs, text: &str) -> imq_tests::Imqctl {
-    let path = std::env::temp_dir().join(format!("imq-rules-{}-{}.toml", ns.name(), imq_tests::unique_id()));
-    std::fs::write(&path, text).unwrap();
-    let r = ns.imqctl(&["apply", "-f", path.to_str().unwrap()]);
-    let _ = std::fs::remove_file(&path);
-    r
-}
-
 /// The flow's rule, and 10,000 per-host rules ahead of it (prio 1 .. 10000) that the
 /// data path must look past for every packet of the flow.
 fn ten_thousand_rules(flow_rule: &str) -> String {
@@ -271,7 +263,7 @@ fn apply_of_ten_thousand_rules_while_a_flow_runs() {
         ("dst", &format!("\"{server}/32\"")),
     ]);
     let many = ten_thousand_rules(&flow_rule);
-    let r = apply(s, &flow_rule);
+    let r = s.imqctl_apply(&flow_rule);
     assert_eq!(r.code, 0, "{}", r.stderr);
     s.tc(&["qdisc", "replace", "dev", "imq0", "root", "pfifo", "limit", "100000"])
         .unwrap();
@@ -283,7 +275,7 @@ fn apply_of_ten_thousand_rules_while_a_flow_runs() {
     let (sent, received, lost) = udp_flow_loss(&pair.client, s, addr, 20_000, Duration::from_secs(3), || {
         thread::sleep(Duration::from_secs(1));
         let start = Instant::now();
-        let r = apply(s, &many);
+        let r = s.imqctl_apply(&many);
         took = start.elapsed();
         assert_eq!(r.code, 0, "{}", r.stderr);
     })
@@ -309,10 +301,10 @@ fn apply_of_ten_thousand_rules_while_a_flow_runs() {
     // Throughput with 10,001 rules vs 1, alternating, through the same pfifo.
     let (mut one, mut many_rate) = (0.0, 0.0);
     for round in 0..2 {
-        let r = apply(s, &flow_rule);
+        let r = s.imqctl_apply(&flow_rule);
         assert_eq!(r.code, 0, "{}", r.stderr);
         one += tcp_unshaped(&pair, 5330 + round);
-        let r = apply(s, &many);
+        let r = s.imqctl_apply(&many);
         assert_eq!(r.code, 0, "{}", r.stderr);
         many_rate += tcp_unshaped(&pair, 5340 + round);
     }
@@ -368,7 +360,7 @@ fn rule_files_are_checked_whole_and_export_reads_back() {
         ("[[rule]\n".to_owned(), "line 1:"),
     ];
     for (text, expect) in cases {
-        let r = apply(s, text);
+        let r = s.imqctl_apply(text);
         assert_ne!(r.code, 0, "applied: {text}");
         let line = r.stderr.trim_end();
         assert!(
@@ -395,7 +387,7 @@ fn rule_files_are_checked_whole_and_export_reads_back() {
             ("set_mark", "\"0x1/0x1\"")
         ]),
     );
-    let r = apply(s, &text);
+    let r = s.imqctl_apply(&text);
     assert_eq!(r.code, 0, "{}", r.stderr);
     let applied = config(s);
     let rules = applied["rules"].as_array().unwrap();
@@ -419,7 +411,7 @@ fn rule_files_are_checked_whole_and_export_reads_back() {
     );
 
     s.imqctl_ok(&["flush"]);
-    let r = apply(s, &exported);
+    let r = s.imqctl_apply(&exported);
     assert_eq!(r.code, 0, "{}\n{exported}", r.stderr);
     assert_eq!(config(s), applied, "export, then apply, gives back the same rules");
 }

@@ -126,7 +126,7 @@ impl Variant {
                 // imq_rules - 1 per-host rules that never match, in front of the one
                 // that does, the same set the classic variant gets as u32 filters.
                 if imq_rules > 1 {
-                    apply_rules(ns, tag, &host_rules(iface, dir, imq_rules - 1))?;
+                    apply_rules(ns, &host_rules(iface, dir, imq_rules - 1))?;
                 }
                 ns.imqctl_ok(&["attach", iface, "-d", dir]);
             }
@@ -182,11 +182,8 @@ fn host_rules(iface: &str, dir: &str, n: usize) -> String {
 }
 
 /// `imqctl apply -f` of `text` in `ns`.
-fn apply_rules(ns: &NetNs, tag: &str, text: &str) -> Result<()> {
-    let path = std::env::temp_dir().join(format!("imq-bench-{}-{tag}.toml", std::process::id()));
-    fs::write(&path, text)?;
-    let out = ns.imqctl(&["apply", "-f", path.to_str().unwrap()]);
-    let _ = fs::remove_file(&path);
+fn apply_rules(ns: &NetNs, text: &str) -> Result<()> {
+    let out = ns.imqctl_apply(text);
     if out.code != 0 {
         bail!("imqctl apply: {}", out.stderr.trim());
     }
@@ -417,10 +414,10 @@ pub fn run() -> Result<()> {
     progress("control plane: 10,000 rules")?;
     let many = host_rules("s0", "ingress", 10_000);
     let (mut apply_many, mut add_many, mut del_many) = (Vec::new(), Vec::new(), Vec::new());
-    for i in 0..3 {
+    for _ in 0..3 {
         s.imqctl_ok(&["flush"]);
         let t = Instant::now();
-        apply_rules(s, &format!("ctl{i}"), &many)?;
+        apply_rules(s, &many)?;
         apply_many.push(t.elapsed().as_secs_f64() * 1e3);
         add_many.push(time(&["attach", "s0", "--mark", "0x99", "--dev", "imq1"]));
         del_many.push(time(&["detach", "s0", "--mark", "0x99"]));
