@@ -24,6 +24,9 @@ use imq_common::{DEVICE_DOWN, MAX_RULES};
 use serde::Serialize;
 
 pub use crate::error::{Error, Result};
+/// The calling thread's network namespace cookie: imq's state for that namespace is
+/// `<bpffs>/imq/net-<cookie>/`.
+pub use crate::sys::netns_cookie;
 use crate::{
     compile::{Compiled, compile},
     netlink::{Link, Netlink},

@@ -455,26 +455,7 @@ fn a_re_injected_packet_is_not_selected_again_after_set_mark() {
 
 /// This namespace's SO_NETNS_COOKIE, which names imq's state directory.
 fn netns_cookie(ns: &NetNs) -> u64 {
-    ns.spawn(|| {
-        let sock = std::net::UdpSocket::bind("127.0.0.1:0")?;
-        let mut cookie = 0u64;
-        let mut len = size_of::<u64>() as libc::socklen_t;
-        // SAFETY: a valid socket, and a u64 with its length for the kernel to fill.
-        let ret = unsafe {
-            libc::getsockopt(
-                std::os::fd::AsRawFd::as_raw_fd(&sock),
-                libc::SOL_SOCKET,
-                libc::SO_NETNS_COOKIE,
-                (&raw mut cookie).cast(),
-                &mut len,
-            )
-        };
-        anyhow::ensure!(ret == 0, "SO_NETNS_COOKIE: {}", std::io::Error::last_os_error());
-        Ok(cookie)
-    })
-    .join()
-    .unwrap()
-    .unwrap()
+    ns.spawn(|| Ok(imq::netns_cookie()?)).join().unwrap().unwrap()
 }
 
 /// What a command that died half-way through a change leaves in the unused
