@@ -8,10 +8,9 @@
 
 mod harness;
 
-use aya::maps::{Array, HashMap, PerCpuHashMap, PerCpuValues};
+use aya::maps::Array;
 use harness::*;
-use imq::compile::compile;
-use imq_common::{COUNTERS_MAP, Counters, DEVICE_DOWN, ENTRIES_MAP, EntryKey, HOOKS_MAP, Hook, HookKey, Target};
+use imq_common::{Counters, DEVICE_DOWN};
 
 /// IPv4 UDP with an 8-byte payload: 50 bytes.
 fn ipv4_udp() -> Vec<u8> {
@@ -349,27 +348,7 @@ fn the_active_generation_decides() {
     let r = rule_to(10, 0, "proto udp");
     h.install(&[(0, r)]);
     // The same rule written only into generation 1: invisible until it is active.
-    let compiled = compile([(1, &r)], |i| i.to_string()).unwrap();
-    let mut hooks = HashMap::<_, HookKey, Hook>::try_from(h.ebpf.map_mut(HOOKS_MAP).unwrap()).unwrap();
-    for (k, v) in &compiled.hooks {
-        hooks.insert(HookKey { generation: 1, ..*k }, v, 0).unwrap();
-    }
-    let mut entries = HashMap::<_, EntryKey, Target>::try_from(h.ebpf.map_mut(ENTRIES_MAP).unwrap()).unwrap();
-    for (k, v) in &compiled.entries {
-        let key = EntryKey {
-            hook: HookKey {
-                generation: 1,
-                ..k.hook
-            },
-            ..*k
-        };
-        entries.insert(key, v, 0).unwrap();
-    }
-    let cpus = aya::util::nr_cpus().unwrap();
-    PerCpuHashMap::<_, u32, Counters>::try_from(h.ebpf.map_mut(COUNTERS_MAP).unwrap())
-        .unwrap()
-        .insert(1, PerCpuValues::try_from(vec![Counters::default(); cpus]).unwrap(), 0)
-        .unwrap();
+    h.write_generation(&[(1, r)], 1);
     let f = ipv4(A, B, 0, 17, 0, &ports(1, 2));
     assert_eq!(h.selected_by(&f, 0..2), Some(0));
     Array::<_, u32>::try_from(h.ebpf.map_mut(imq_common::ACTIVE_MAP).unwrap())

@@ -49,20 +49,33 @@ impl Harness {
     /// Installs `rules` (id, rule) for lo's ingress as imqctl would: compiled into
     /// shapes and entries, with zeroed counters.
     pub fn install(&mut self, rules: &[(u32, Rule)]) {
-        let compiled = compile(rules.iter().map(|(id, r)| (*id, r)), |i| i.to_string()).unwrap();
         let mut hooks = HashMap::<_, HookKey, Hook>::try_from(self.ebpf.map_mut(HOOKS_MAP).unwrap()).unwrap();
         for k in hooks.keys().map(Result::unwrap).collect::<Vec<_>>() {
             hooks.remove(&k).unwrap();
-        }
-        for (k, v) in &compiled.hooks {
-            hooks.insert(k, v, 0).unwrap();
         }
         let mut entries = HashMap::<_, EntryKey, Target>::try_from(self.ebpf.map_mut(ENTRIES_MAP).unwrap()).unwrap();
         for k in entries.keys().map(Result::unwrap).collect::<Vec<_>>() {
             entries.remove(&k).unwrap();
         }
+        self.write_generation(rules, 0);
+    }
+
+    /// Adds `rules` to `generation` (hooks, entries, zeroed counters), leaving what
+    /// is there, and which generation is active, as it is.
+    pub fn write_generation(&mut self, rules: &[(u32, Rule)], generation: u16) {
+        let compiled = compile(rules.iter().map(|(id, r)| (*id, r)), |i| i.to_string()).unwrap();
+        let with_generation = |k: HookKey| HookKey { generation, ..k };
+        let mut hooks = HashMap::<_, HookKey, Hook>::try_from(self.ebpf.map_mut(HOOKS_MAP).unwrap()).unwrap();
+        for (k, v) in &compiled.hooks {
+            hooks.insert(with_generation(*k), v, 0).unwrap();
+        }
+        let mut entries = HashMap::<_, EntryKey, Target>::try_from(self.ebpf.map_mut(ENTRIES_MAP).unwrap()).unwrap();
         for (k, v) in &compiled.entries {
-            entries.insert(k, v, 0).unwrap();
+            let key = EntryKey {
+                hook: with_generation(k.hook),
+                ..*k
+            };
+            entries.insert(key, v, 0).unwrap();
         }
         let cpus = aya::util::nr_cpus().unwrap();
         let mut counters =
