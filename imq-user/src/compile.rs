@@ -194,22 +194,13 @@ mod tests {
     use std::net::IpAddr;
 
     use super::*;
-    use crate::rule::{Actions, DevName, Match};
+    use crate::rule::{Actions, DevName, Match, set_field};
 
     fn rule(prio: u32, dev: u32, m: &str) -> Rule {
-        let mut matches = Match::default();
+        let (mut matches, mut actions) = (Match::default(), Actions::default());
         let mut it = m.split_whitespace();
         while let (Some(k), Some(v)) = (it.next(), it.next()) {
-            match k {
-                "mark" => matches.mark = Some(v.parse().unwrap()),
-                "src" => matches.src = Some(v.parse().unwrap()),
-                "dst" => matches.dst = Some(v.parse().unwrap()),
-                "proto" => matches.proto = Some(v.parse().unwrap()),
-                "sport" => matches.sport = Some(v.parse().unwrap()),
-                "dport" => matches.dport = Some(v.parse().unwrap()),
-                "dscp" => matches.dscp = Some(v.parse().unwrap()),
-                _ => panic!("{k}"),
-            }
+            set_field(&mut matches, &mut actions, k, v).unwrap();
         }
         matches.validate().unwrap();
         Rule {
@@ -218,7 +209,7 @@ mod tests {
             prio,
             dev: DevName(dev),
             matches,
-            actions: Actions::default(),
+            actions,
         }
     }
 

@@ -589,6 +589,31 @@ pub struct Actions {
     pub classid: Option<ClassId>,
 }
 
+/// Sets the match field or action named `key`, as rule files name them (`mark`,
+/// `src`, `dst`, `proto`, `sport`, `dport`, `dscp`, `set_mark`, `classid`), from its
+/// text.
+pub fn set_field(matches: &mut Match, actions: &mut Actions, key: &str, value: &str) -> Result<()> {
+    match key {
+        "mark" => matches.mark = Some(value.parse()?),
+        "src" => matches.src = Some(value.parse()?),
+        "dst" => matches.dst = Some(value.parse()?),
+        "proto" => matches.proto = Some(value.parse()?),
+        "sport" => matches.sport = Some(value.parse()?),
+        "dport" => matches.dport = Some(value.parse()?),
+        "dscp" => matches.dscp = Some(value.parse()?),
+        "set_mark" => actions.set_mark = Some(value.parse()?),
+        "classid" => actions.classid = Some(value.parse()?),
+        _ => {
+            return Err(Error::Invalid {
+                what: "field",
+                input: key.to_owned(),
+                reason: "expected mark, src, dst, proto, sport, dport, dscp, set_mark or classid",
+            });
+        }
+    }
+    Ok(())
+}
+
 /// One rule of one hook.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Rule {

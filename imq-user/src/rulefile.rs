@@ -17,7 +17,7 @@ use toml::Spanned;
 
 use crate::{
     error::{Error, Result},
-    rule::{Actions, DevName, Direction, Directions, Match, PRIO_STEP, Rule},
+    rule::{Actions, DevName, Direction, Directions, Match, PRIO_STEP, Rule, set_field},
 };
 
 /// One `[[rule]]` of a file, checked field by field; `line` is where it starts.
@@ -129,15 +129,23 @@ fn check(raw: RawRule, line: usize) -> Result<FileRule> {
             message: format!("invalid prio {p}: expected 0 to {}", u32::MAX),
         })?),
     };
-    let matches = Match {
-        mark: opt(text(raw.mark))?,
-        src: opt(raw.src)?,
-        dst: opt(raw.dst)?,
-        proto: opt(text(raw.proto))?,
-        sport: opt(text(raw.sport))?,
-        dport: opt(text(raw.dport))?,
-        dscp: opt(text(raw.dscp))?,
-    };
+    let (mut matches, mut actions) = (Match::default(), Actions::default());
+    let fields = [
+        ("mark", text(raw.mark)),
+        ("src", raw.src),
+        ("dst", raw.dst),
+        ("proto", text(raw.proto)),
+        ("sport", text(raw.sport)),
+        ("dport", text(raw.dport)),
+        ("dscp", text(raw.dscp)),
+        ("set_mark", text(raw.set_mark)),
+        ("classid", raw.classid),
+    ];
+    for (key, value) in fields {
+        if let Some(v) = value {
+            set_field(&mut matches, &mut actions, key, &v)?;
+        }
+    }
     matches.validate()?;
     Ok(FileRule {
         line,
@@ -146,10 +154,7 @@ fn check(raw: RawRule, line: usize) -> Result<FileRule> {
         dev: opt(raw.dev)?.unwrap_or_default(),
         prio,
         matches,
-        actions: Actions {
-            set_mark: opt(text(raw.set_mark))?,
-            classid: opt(raw.classid)?,
-        },
+        actions,
     })
 }
 

@@ -320,7 +320,7 @@ fn ipv4_fragments_and_truncated_transport_headers_match_no_port_rule() {
 fn actions_set_the_mark_and_the_class() {
     let mut h = Harness::new();
     h.rules(&[
-        rule_to(10, 0, "proto udp set-mark 0x100/0xf00 classid 1:10"),
+        rule_to(10, 0, "proto udp set_mark 0x100/0xf00 classid 1:10"),
         rule_to(20, 0, "classid 2:3"),
     ]);
     let f = ipv4(A, B, 0, 17, 0, &ports(1, 2));

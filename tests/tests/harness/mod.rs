@@ -9,7 +9,7 @@ use aya::{
 };
 use imq::{
     compile::compile,
-    rule::{Actions, DevName, Direction, Match, Rule},
+    rule::{Actions, DevName, Direction, Match, Rule, set_field},
 };
 use imq_common::{
     COUNTERS_MAP, Counters, DEVICES_MAP, Device, ENTRIES_MAP, EntryKey, HOOKS_MAP, Hook, HookKey, INGRESS_PROG, Target,
@@ -160,24 +160,13 @@ impl Harness {
     }
 }
 
-/// A rule on lo's ingress to `dev`, from `key value` pairs as imqctl's flags.
+/// A rule on lo's ingress to `dev`, from `key value` pairs, keys as rule files name them.
 pub fn rule_to(prio: u32, dev: u32, spec: &str) -> Rule {
     let mut m = Match::default();
     let mut actions = Actions::default();
     let mut it = spec.split_whitespace();
     while let (Some(k), Some(v)) = (it.next(), it.next()) {
-        match k {
-            "mark" => m.mark = Some(v.parse().unwrap()),
-            "src" => m.src = Some(v.parse().unwrap()),
-            "dst" => m.dst = Some(v.parse().unwrap()),
-            "proto" => m.proto = Some(v.parse().unwrap()),
-            "sport" => m.sport = Some(v.parse().unwrap()),
-            "dport" => m.dport = Some(v.parse().unwrap()),
-            "dscp" => m.dscp = Some(v.parse().unwrap()),
-            "set-mark" => actions.set_mark = Some(v.parse().unwrap()),
-            "classid" => actions.classid = Some(v.parse().unwrap()),
-            _ => panic!("unknown key {k}"),
-        }
+        set_field(&mut m, &mut actions, k, v).unwrap();
     }
     m.validate().unwrap();
     Rule {
