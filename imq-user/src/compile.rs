@@ -239,9 +239,13 @@ mod tests {
         }
     }
 
+    /// `rules` compiled with their positions as ids.
+    fn numbered(rules: &[Rule]) -> Result<Compiled> {
+        compile(rules.iter().enumerate().map(|(i, r)| (i as u32, r)), |_| "eth0".into())
+    }
+
     fn select(rules: &[Rule], f: &FlowKey) -> Option<u32> {
-        let c = compile(rules.iter().enumerate().map(|(i, r)| (i as u32, r)), |i| i.to_string()).unwrap();
-        lookup(&c, 1, Direction::Ingress, f).map(|t| t.rule_id)
+        lookup(&numbered(rules).unwrap(), 1, Direction::Ingress, f).map(|t| t.rule_id)
     }
 
     #[test]
@@ -302,7 +306,7 @@ mod tests {
     fn ipv4_and_ipv6_rules_never_share_a_shape() {
         // Both masks are the first three bytes; the families tell them apart.
         let rules = [rule(10, 0, "src 198.18.0.0/24"), rule(20, 1, "src 2001:d00::/24")];
-        let c = compile(rules.iter().enumerate().map(|(i, r)| (i as u32, r)), |i| i.to_string()).unwrap();
+        let c = numbered(&rules).unwrap();
         let hook = &c.hooks[0].1;
         assert_eq!(hook.len, 2);
         assert_eq!(hook.shapes[0].mask, hook.shapes[1].mask);
@@ -324,7 +328,7 @@ mod tests {
         let rules: Vec<Rule> = (0..10_000u32)
             .map(|i| rule(10 + i, i % 4, &format!("dst 198.18.{}.{}/32", i / 256, i % 256)))
             .collect();
-        let c = compile(rules.iter().enumerate().map(|(i, r)| (i as u32, r)), |i| i.to_string()).unwrap();
+        let c = numbered(&rules).unwrap();
         assert_eq!((c.hooks.len(), c.hooks[0].1.len, c.entries.len()), (1, 1, 10_000));
         let f = flow("198.19.0.1", "198.18.39.15", 6, None, 0, 0);
         assert_eq!(
@@ -338,7 +342,7 @@ mod tests {
         let rules: Vec<Rule> = (0..=MAX_SHAPES as u32)
             .map(|i| rule(10 + i, 0, &format!("dst 0.0.0.0/{}", i % 33)))
             .collect();
-        let e = compile(rules.iter().enumerate().map(|(i, r)| (i as u32, r)), |_| "eth0".into()).unwrap_err();
+        let e = numbered(&rules).unwrap_err();
         assert!(e.to_string().contains("eth0 ingress"), "{e}");
     }
 }
