@@ -54,8 +54,7 @@ pub const COUNTERS_MAP: &str = "imq_counters";
 /// Program names in the ELF.
 pub const INGRESS_PROG: &str = "imq_ingress";
 pub const EGRESS_PROG: &str = "imq_egress";
-pub const IFB_OPEN_PROG: &str = "imq_ifb_open";
-pub const IFB_CLOSE_PROG: &str = "imq_ifb_close";
+pub const NETDEV_EVENT_PROG: &str = "imq_netdev_event";
 
 pub const DIRECTION_INGRESS: u32 = 0;
 pub const DIRECTION_EGRESS: u32 = 1;

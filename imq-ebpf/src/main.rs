@@ -1,7 +1,8 @@
 //! imq data path: TC programs that send selected packets into imq (ifb) devices.
 //!
-//! Ingress: a TCX ingress program classifies the packet by the rules of its interface
-//! and, on a match, `bpf_redirect`s it into the rule's imq device. After the imq
+//! Ingress: a TC ingress program (a TCX link where the kernel has TCX, else a cls_bpf
+//! filter in direct-action mode on clsact) classifies the packet by the rules of its
+//! interface and, on a match, `bpf_redirect`s it into the rule's imq device. After the imq
 //! device's qdisc, ifb re-injects it with `netif_receive_skb` on the original device,
 //! and `skb_skip_tc_classify` keeps the TC ingress hook from running on it again, so a
 //! packet is queued at most once (ifb_ri_tasklet, __netif_receive_skb_core).
@@ -11,10 +12,10 @@
 #![no_main]
 
 use aya_ebpf::{
-    bindings::{BPF_F_NO_PREALLOC, TC_ACT_UNSPEC},
+    bindings::{BPF_F_NO_PREALLOC, TC_ACT_UNSPEC, bpf_fib_lookup},
     helpers::{
         bpf_probe_read_kernel,
-        generated::{bpf_check_mtu, bpf_redirect},
+        generated::{bpf_fib_lookup as fib_lookup, bpf_redirect},
     },
     macros::{classifier, fentry, map},
     maps::{Array, HashMap, PerCpuHashMap},
@@ -60,7 +61,9 @@ static IFINDEXES: HashMap<u32, u32> = HashMap::with_max_entries(2 * MAX_DEVICES,
 #[map(name = "imq_counters")]
 static COUNTERS: PerCpuHashMap<u32, Counters> = PerCpuHashMap::with_max_entries(MAX_RULES, BPF_F_NO_PREALLOC);
 
-/// TCX verdict "not mine": the next TCX program, then classic tc filters, still run.
+/// Verdict "not mine": under TCX the next TCX program, then classic tc filters, still
+/// run; as a direct-action cls_bpf filter, the next filter does (cls_bpf_classify
+/// goes on for TC_ACT_UNSPEC).
 const TCX_NEXT: i32 = TC_ACT_UNSPEC;
 /// cls_bpf (classic mode) verdicts: match with the filter's own classid, or no match.
 const CLS_MATCH: i32 = -1;
@@ -334,14 +337,33 @@ fn parse_ipv6(ctx: &TcContext, flow: &mut FlowKey) -> Option<(u8, usize, bool)> 
 }
 
 /// A deleted imq device must not blackhole traffic: bpf_redirect to a missing ifindex
-/// would drop the packet in skb_do_redirect. bpf_check_mtu looks the device up in the
-/// packet's namespace and fails with -EINVAL when there is none.
+/// would drop the packet in skb_do_redirect, and so would mirred. bpf_fib_lookup
+/// (Linux 4.18; bpf_check_mtu, which would do, came in 5.12) looks the device up in
+/// the packet's namespace first and fails with -ENODEV when there is none; any other
+/// answer means it exists. imqctl turns IPv4 forwarding off on imq devices, so the
+/// lookup stops right there (BPF_FIB_LKUP_RET_FWD_DISABLED) without a route lookup
+/// (bpf_ipv4_fib_lookup).
 #[inline(always)]
 fn device_exists(ctx: &TcContext, ifindex: u32) -> bool {
-    let mut mtu_len: u32 = 0;
-    // SAFETY: the context pointer and a valid stack slot for mtu_len.
-    let ret = unsafe { bpf_check_mtu(ctx.skb.skb.cast(), ifindex, &mut mtu_len, 0, 0) };
-    ret >= 0
+    const AF_INET: u8 = 2;
+    const ENODEV: i64 = 19;
+    const _: () = assert!(size_of::<bpf_fib_lookup>() == 64);
+    // struct bpf_fib_lookup as words: family is its first byte, ifindex the u32 at
+    // byte 8. Stored one by one: LLVM turns a zeroed buffer into a call to memset, a
+    // function of its own in the object.
+    let mut params = [0u64; 8];
+    for (i, word) in params.iter_mut().enumerate() {
+        let value = match i {
+            0 => u64::from(AF_INET),
+            1 => u64::from(ifindex),
+            _ => 0,
+        };
+        // SAFETY: a valid, aligned stack slot.
+        unsafe { core::ptr::write_volatile(word, value) };
+    }
+    // SAFETY: the context pointer and a stack buffer of the struct's size and alignment.
+    let ret = unsafe { fib_lookup(ctx.skb.skb.cast(), params.as_mut_ptr().cast(), 64, 0) };
+    ret != -ENODEV
 }
 
 #[inline(always)]
@@ -355,61 +377,94 @@ fn count(id: u32, len: u32) {
     }
 }
 
-// Load-time constants (set by imqctl from SO_NETNS_COOKIE and the running kernel's
-// BTF): the network namespace this instance serves, and where struct net_device and
-// struct net keep what the hooks below read. Without CO-RE in Rust, offsets come in
-// this way.
+// Load-time constants, set by imqctl from the namespace it serves and the running
+// kernel's BTF: which namespace this instance serves (its cookie, or its inode number
+// on kernels that cannot report a cookie), where struct net_device, struct net and
+// struct netdev_notifier_info keep what the hook below reads, and the values of enum
+// netdev_cmd, which differ between kernel versions. Without CO-RE in Rust, offsets
+// come in this way.
 #[unsafe(no_mangle)]
-static NETNS_COOKIE: u64 = 0;
+static NETNS_ID: u64 = 0;
+/// Bits of the u64 at OFFSET_NET_ID that hold the id (a 32-bit inode number, or the
+/// whole 64-bit cookie).
+#[unsafe(no_mangle)]
+static NET_ID_MASK: u64 = 0;
+#[unsafe(no_mangle)]
+static OFFSET_NET_ID: u32 = 0;
 #[unsafe(no_mangle)]
 static OFFSET_DEV_IFINDEX: u32 = 0;
 #[unsafe(no_mangle)]
 static OFFSET_DEV_NET: u32 = 0;
 #[unsafe(no_mangle)]
-static OFFSET_NET_COOKIE: u32 = 0;
+static OFFSET_INFO_DEV: u32 = 0;
+#[unsafe(no_mangle)]
+static NETDEV_UP: u64 = 0;
+#[unsafe(no_mangle)]
+static NETDEV_GOING_DOWN: u64 = 0;
+#[unsafe(no_mangle)]
+static NETDEV_DOWN: u64 = 0;
 
-/// ifb's ndo_open: an imq device came up.
-#[fentry(function = "ifb_open")]
-pub fn imq_ifb_open(ctx: FEntryContext) -> u32 {
-    track_device(&ctx, true);
-    0
-}
-
-/// ifb's ndo_stop: an imq device went down (also on its way to deletion).
-#[fentry(function = "ifb_close")]
-pub fn imq_ifb_close(ctx: FEntryContext) -> u32 {
-    track_device(&ctx, false);
+/// Every netdevice notifier event of the kernel goes through this vmlinux function,
+/// whatever the driver and whether or not it is a module (ifb usually is, and a
+/// module's functions are not in vmlinux's BTF). NETDEV_UP comes after the device
+/// was opened and its qdisc activated (__dev_notify_flags); NETDEV_GOING_DOWN before
+/// its qdisc is deactivated (__dev_close_many), so nothing is redirected into a
+/// device that drops.
+#[fentry(function = "call_netdevice_notifiers_info")]
+pub fn imq_netdev_event(ctx: FEntryContext) -> u32 {
+    // SAFETY: constants are read as the loader left them.
+    let (up, going_down, down, off_info_dev) = unsafe {
+        (
+            core::ptr::read_volatile(&NETDEV_UP),
+            core::ptr::read_volatile(&NETDEV_GOING_DOWN),
+            core::ptr::read_volatile(&NETDEV_DOWN),
+            core::ptr::read_volatile(&OFFSET_INFO_DEV) as usize,
+        )
+    };
+    let event: u64 = ctx.arg(0);
+    let is_up = if event == up {
+        true
+    } else if event == going_down || event == down {
+        false
+    } else {
+        return 0;
+    };
+    let info: *const u8 = ctx.arg(1);
+    // SAFETY: bpf_probe_read_kernel checks the address; info is the hooked function's
+    // struct netdev_notifier_info *.
+    if let Ok(dev) = unsafe { bpf_probe_read_kernel(info.add(off_info_dev).cast::<*const u8>()) } {
+        track_device(dev, is_up);
+    }
     0
 }
 
 #[inline(always)]
-fn track_device(ctx: &FEntryContext, up: bool) {
+fn track_device(dev: *const u8, up: bool) {
     // SAFETY: constants are read as the loader left them.
-    let (cookie, off_ifindex, off_net, off_cookie) = unsafe {
+    let (id, mask, off_id, off_ifindex, off_net) = unsafe {
         (
-            core::ptr::read_volatile(&NETNS_COOKIE),
+            core::ptr::read_volatile(&NETNS_ID),
+            core::ptr::read_volatile(&NET_ID_MASK),
+            core::ptr::read_volatile(&OFFSET_NET_ID) as usize,
             core::ptr::read_volatile(&OFFSET_DEV_IFINDEX) as usize,
             core::ptr::read_volatile(&OFFSET_DEV_NET) as usize,
-            core::ptr::read_volatile(&OFFSET_NET_COOKIE) as usize,
         )
     };
-    if cookie == 0 || off_ifindex == 0 {
+    if id == 0 || off_ifindex == 0 {
         return;
     }
-    let dev: *const u8 = ctx.arg(0);
-    // SAFETY: bpf_probe_read_kernel checks the addresses; dev is the hooked
-    // function's struct net_device *.
+    // SAFETY: bpf_probe_read_kernel checks the addresses; dev is a struct net_device *.
     let read = || unsafe {
         let net = bpf_probe_read_kernel(dev.add(off_net).cast::<*const u8>()).ok()?;
-        let dev_cookie = bpf_probe_read_kernel(net.add(off_cookie).cast::<u64>()).ok()?;
+        let dev_id = bpf_probe_read_kernel(net.add(off_id).cast::<u64>()).ok()? & mask;
         let ifindex = bpf_probe_read_kernel(dev.add(off_ifindex).cast::<u32>()).ok()?;
-        Some((dev_cookie, ifindex))
+        Some((dev_id, ifindex))
     };
     // Each namespace's imq state has its own instance: only its devices count.
-    let Some((dev_cookie, ifindex)) = read() else {
+    let Some((dev_id, ifindex)) = read() else {
         return;
     };
-    if dev_cookie != cookie {
+    if dev_id != id {
         return;
     }
     // Device up/down is rare: a scan of the device table is fine here and keeps the

@@ -29,8 +29,16 @@ struct Member {
 
 #[derive(Debug)]
 enum Type {
-    Composite { members: Vec<Member> },
-    Typedef { type_id: u32 },
+    Composite {
+        members: Vec<Member>,
+    },
+    /// An enum's values by name (ENUM; ENUM64 is not needed here).
+    Enum {
+        values: Vec<(String, i64)>,
+    },
+    Typedef {
+        type_id: u32,
+    },
     Other,
 }
 
@@ -39,6 +47,7 @@ pub struct Btf {
     /// Type ids start at 1; index 0 is `void`.
     types: Vec<Type>,
     structs: HashMap<String, u32>,
+    enums: HashMap<String, u32>,
 }
 
 fn u32_at(data: &[u8], at: usize) -> Option<u32> {
@@ -68,6 +77,7 @@ impl Btf {
 
         let mut types = vec![Type::Other];
         let mut structs = HashMap::new();
+        let mut enums = HashMap::new();
         let mut at = 0;
         while at < types_data.len() {
             let name_off = u32_at(types_data, at)?;
@@ -95,12 +105,32 @@ impl Btf {
                     }
                     Type::Composite { members }
                 }
+                KIND_ENUM => {
+                    let mut values = Vec::with_capacity(vlen);
+                    for i in 0..vlen {
+                        let v = at + i * 8;
+                        let raw = u32_at(types_data, v + 4)?;
+                        // kind_flag: signed values.
+                        let value = if kind_flag {
+                            i64::from(raw as i32)
+                        } else {
+                            i64::from(raw)
+                        };
+                        values.push((name(u32_at(types_data, v)?), value));
+                    }
+                    at += vlen * 8;
+                    let n = name(name_off);
+                    if !n.is_empty() {
+                        enums.entry(n).or_insert(types.len() as u32);
+                    }
+                    Type::Enum { values }
+                }
                 KIND_TYPEDEF => Type::Typedef { type_id: size_or_type },
                 _ => {
                     at += match kind {
                         KIND_INT | KIND_VAR | KIND_DECL_TAG => 4,
                         KIND_ARRAY => 12,
-                        KIND_ENUM | KIND_FUNC_PROTO => vlen * 8,
+                        KIND_FUNC_PROTO => vlen * 8,
                         KIND_DATASEC | KIND_ENUM64 => vlen * 12,
                         _ => 0,
                     };
@@ -109,7 +139,7 @@ impl Btf {
             };
             types.push(ty);
         }
-        Some(Self { types, structs })
+        Some(Self { types, structs, enums })
     }
 
     fn resolve(&self, mut id: u32) -> Option<&Type> {
@@ -138,6 +168,15 @@ impl Btf {
         }
         (bits % 8 == 0).then_some(bits / 8)
     }
+
+    /// The value of `variant` in `enum name`, e.g. `("netdev_cmd", "NETDEV_UP")`:
+    /// enum values move between kernel versions.
+    pub fn enum_value(&self, name: &str, variant: &str) -> Option<i64> {
+        let Type::Enum { values } = self.types.get(*self.enums.get(name)? as usize)? else {
+            return None;
+        };
+        values.iter().find(|(n, _)| n == variant).map(|(_, v)| *v)
+    }
 }
 
 #[cfg(test)]
@@ -147,7 +186,7 @@ mod tests {
     /// A BTF blob: `struct inner { int a; int b; }`, `typedef struct inner inner_t;`,
     /// `struct outer { char pad[8]; inner_t in; }`.
     fn blob() -> Vec<u8> {
-        let strings = b"\0int\0inner\0a\0b\0inner_t\0outer\0pad\0in\0";
+        let strings = b"\0int\0inner\0a\0b\0inner_t\0outer\0pad\0in\0cmd\0UP\0DOWN\0";
         let s = |name: &str| -> u32 {
             let needle = [name.as_bytes(), b"\0"].concat();
             strings
@@ -167,6 +206,9 @@ mod tests {
         push(&[s("outer"), KIND_STRUCT << 24 | 2, 16]); // 5: struct outer
         push(&[s("pad"), 4, 0]);
         push(&[s("in"), 3, 64]);
+        push(&[s("cmd"), KIND_ENUM << 24 | 2, 4]); // 6: enum cmd { UP = 1, DOWN = 9 }
+        push(&[s("UP"), 1]);
+        push(&[s("DOWN"), 9]);
         let mut b = Vec::new();
         b.extend_from_slice(&BTF_MAGIC.to_le_bytes());
         b.extend_from_slice(&[1, 0]);
@@ -179,13 +221,16 @@ mod tests {
     }
 
     #[test]
-    fn member_offsets_through_typedefs() {
+    fn member_offsets_through_typedefs_and_enum_values() {
         let btf = Btf::parse(&blob()).unwrap();
         assert_eq!(btf.offset_of("inner", &["b"]), Some(4));
         assert_eq!(btf.offset_of("outer", &["in"]), Some(8));
         assert_eq!(btf.offset_of("outer", &["in", "b"]), Some(12));
         assert_eq!(btf.offset_of("outer", &["nope"]), None);
         assert_eq!(btf.offset_of("missing", &["a"]), None);
+        assert_eq!(btf.enum_value("cmd", "UP"), Some(1));
+        assert_eq!(btf.enum_value("cmd", "DOWN"), Some(9));
+        assert_eq!(btf.enum_value("cmd", "GONE"), None);
         assert!(Btf::parse(b"not btf at all, no").is_none());
     }
 

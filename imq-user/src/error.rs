@@ -34,8 +34,6 @@ pub enum Error {
     NotEthernet { name: String, link_type: String },
     #[error("imqctl needs root (CAP_NET_ADMIN and CAP_BPF or CAP_SYS_ADMIN): run it with sudo")]
     NotPrivileged,
-    #[error("this kernel ({0}) has no TCX: imq needs Linux 6.6 or later")]
-    NoTcx(String),
     #[error(
         "conflicts with the rule at prio {prio} on {iface} {direction}, which sends the same match to {dev}: detach it first"
     )]

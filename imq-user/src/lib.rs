@@ -24,12 +24,12 @@ use imq_common::{DEVICE_DOWN, MAX_RULES};
 use serde::Serialize;
 
 pub use crate::error::{Error, Result};
-/// The calling thread's network namespace cookie: imq's state for that namespace is
-/// `<bpffs>/imq/net-<cookie>/`.
-pub use crate::sys::netns_cookie;
+/// How imq names the calling thread's network namespace: its state is
+/// `<bpffs>/imq/<NetnsId::dir_name>/`.
+pub use crate::sys::{NetnsId, netns_id};
 use crate::{
     compile::{Compiled, compile},
-    netlink::{Link, Netlink},
+    netlink::{Filter, Link, Netlink},
     rule::{Actions, DevName, Direction, Directions, Insert, Match, NewRule, Rule, Selector},
     rulefile::FileRule,
     state::State,
@@ -96,6 +96,10 @@ pub struct RuleStatus {
     pub actions: Actions,
     /// Whether the program is attached to the interface (false if it has gone).
     pub attached: bool,
+    /// How: `tcx` (a TCX link, Linux 6.6+) or `clsact` (a cls_bpf filter on the
+    /// clsact qdisc: egress always, ingress where the kernel has no TCX); empty when
+    /// not attached.
+    pub hook: &'static str,
     pub packets: u64,
     pub bytes: u64,
 }
@@ -149,10 +153,9 @@ fn free_ids(rules: &[(u32, Rule)], n: usize) -> Result<Vec<u32>> {
 }
 
 impl Imq {
-    /// Checks privileges and kernel support; changes nothing.
+    /// Checks privileges; changes nothing.
     pub fn new(opts: Options) -> Result<Self> {
         sys::check_privileges()?;
-        sys::check_tcx()?;
         Ok(Self {
             opts,
             nl: Netlink::new()?,
@@ -193,6 +196,7 @@ impl Imq {
             for (dev, link) in devs {
                 let link = match link {
                     Some(l) => {
+                        netlink::prepare_imq_device(&l.name);
                         if !l.up {
                             self.nl.set_up(l.index)?;
                         }
@@ -270,9 +274,10 @@ impl Imq {
         Ok(())
     }
 
-    /// Makes sure the hook can send packets: on ingress, the TCX program is attached
-    /// to the interface; on egress, the interface has a clsact qdisc and the filter
-    /// whose mirred action redirects to the device.
+    /// Makes sure the hook can send packets: on ingress, the program is attached to
+    /// the interface, through TCX where the kernel has it and else as a direct-action
+    /// cls_bpf filter on clsact; on egress, the interface has a clsact qdisc and the
+    /// filter whose mirred action redirects to the device.
     fn raise(&self, state: &mut State, links: &[Link], need: Need) -> Result<()> {
         let link = |i: u32| {
             links
@@ -281,11 +286,26 @@ impl Imq {
                 .ok_or(Error::Netlink(format!("ifindex {i} is gone")))
         };
         match need {
-            Need::Ingress(ifindex) => state.attach_ingress(&link(ifindex)?.name, ifindex),
+            Need::Ingress(ifindex) => {
+                let link = link(ifindex)?;
+                if state.is_attached(Direction::Ingress, ifindex) {
+                    return Ok(());
+                }
+                let prog = state.program(Direction::Ingress)?;
+                let fd = prog.fd().map_err(|e| Error::bpf("program fd", e))?;
+                if sys::has_tcx(fd.as_fd()) {
+                    state.attach_ingress(&link.name, ifindex)
+                } else {
+                    self.nl.ensure_clsact(link.index, &link.name, Filter::Ingress)?;
+                    self.nl
+                        .replace_ingress_filter(link.index, fd.as_fd().as_raw_fd() as u32)
+                }
+            }
             Need::Egress { ifindex, dev } => {
                 let link = link(ifindex)?;
                 let dev_ifindex = state.device(dev.0)?.ifindex;
-                self.nl.ensure_clsact(link.index, &link.name)?;
+                self.nl
+                    .ensure_clsact(link.index, &link.name, Filter::Egress { dev: dev.0 })?;
                 let prog = state.program(Direction::Egress)?;
                 let fd = prog.fd().map_err(|e| Error::bpf("program fd", e))?;
                 let fd = fd.as_fd().as_raw_fd() as u32;
@@ -298,9 +318,12 @@ impl Imq {
     /// remove (the kernel dropped its links and filters with it).
     fn lower(&self, state: &mut State, need: Need, exists: bool) -> Result<()> {
         match need {
-            Need::Ingress(ifindex) => state.detach(Direction::Ingress, ifindex),
-            Need::Egress { ifindex, dev } if exists => self.nl.del_egress_filter(ifindex, dev.0),
-            Need::Egress { .. } => Ok(()),
+            Need::Ingress(ifindex) if state.is_attached(Direction::Ingress, ifindex) => {
+                state.detach(Direction::Ingress, ifindex)
+            }
+            Need::Ingress(ifindex) if exists => self.nl.del_filter(ifindex, Filter::Ingress),
+            Need::Egress { ifindex, dev } if exists => self.nl.del_filter(ifindex, Filter::Egress { dev: dev.0 }),
+            Need::Ingress(_) | Need::Egress { .. } => Ok(()),
         }
     }
 
@@ -494,15 +517,20 @@ impl Imq {
         let mut filters = HashMap::new();
         for (id, r) in &rules {
             let iface = by_index(r.ifindex);
-            let attached = match (iface, r.direction) {
-                (None, _) => false,
-                (Some(_), Direction::Ingress) => state.is_attached(Direction::Ingress, r.ifindex),
-                (Some(_), Direction::Egress) => {
+            let tcx = r.direction == Direction::Ingress && state.is_attached(Direction::Ingress, r.ifindex);
+            let hook = match iface {
+                None => "",
+                Some(_) if tcx => "tcx",
+                Some(_) => {
                     let list = match filters.entry(r.ifindex) {
                         std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-                        std::collections::hash_map::Entry::Vacant(e) => e.insert(self.nl.egress_filters(r.ifindex)?),
+                        std::collections::hash_map::Entry::Vacant(e) => e.insert(self.nl.filters(r.ifindex)?),
                     };
-                    list.contains(&r.dev.0)
+                    let filter = match r.direction {
+                        Direction::Ingress => Filter::Ingress,
+                        Direction::Egress => Filter::Egress { dev: r.dev.0 },
+                    };
+                    if list.contains(&filter) { "clsact" } else { "" }
                 }
             };
             let c = state.counters(*id)?;
@@ -514,7 +542,8 @@ impl Imq {
                 dev: r.dev.to_string(),
                 matches: r.matches,
                 actions: r.actions,
-                attached,
+                attached: !hook.is_empty(),
+                hook,
                 packets: c.packets,
                 bytes: c.bytes,
             });
@@ -555,7 +584,10 @@ impl Imq {
         }
         let locked = State::lock(self.bpffs())?;
         let (link, created) = match self.existing_dev(dev)? {
-            Some(l) => (l, false),
+            Some(l) => {
+                netlink::prepare_imq_device(&l.name);
+                (l, false)
+            }
             None => (self.nl.add_ifb(&dev.to_string(), txqueuelen)?, true),
         };
         // Rules that already name this device start using it now; egress filters are
@@ -598,8 +630,11 @@ impl Imq {
         let rules = state.rules()?;
         let links = self.nl.links()?;
         for need in needs(&Self::without_gone(&links, &rules)) {
-            if let Need::Egress { ifindex, dev } = need {
-                self.nl.del_egress_filter(ifindex, dev.0)?;
+            match need {
+                // TCX links go with the state's pins.
+                Need::Ingress(ifindex) if state.is_attached(Direction::Ingress, ifindex) => {}
+                Need::Ingress(ifindex) => self.nl.del_filter(ifindex, Filter::Ingress)?,
+                Need::Egress { ifindex, dev } => self.nl.del_filter(ifindex, Filter::Egress { dev: dev.0 })?,
             }
         }
         state.destroy()?;

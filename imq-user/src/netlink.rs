@@ -15,8 +15,8 @@ use rtnetlink::{
         link::{LinkAttribute, LinkFlags, LinkInfo, LinkMessage},
         tc::{
             TcAction, TcActionAttribute, TcActionMirror, TcActionMirrorOption, TcActionOption, TcActionType,
-            TcAttribute, TcFilterBpf, TcFilterBpfOption, TcHandle, TcHeader, TcMessage, TcMirror, TcMirrorActionType,
-            TcOption,
+            TcAttribute, TcBpfFlags, TcFilterBpf, TcFilterBpfOption, TcHandle, TcHeader, TcMessage, TcMirror,
+            TcMirrorActionType, TcOption,
         },
     },
 };
@@ -71,6 +71,19 @@ impl Link {
     }
 }
 
+/// What an imq device needs besides being an ifb, set on creation and again whenever
+/// imqctl adopts or re-registers one. Best effort: a sysctl that is absent (IPv6
+/// disabled altogether) has nothing to set.
+/// - No IPv6 on it: an imq device carries other interfaces' packets and must not send
+///   ND/MLD of its own (ifb would drop them and count them as received).
+/// - No IPv4 forwarding on it: it forwards nothing itself (ifb re-injects packets as
+///   their own interface's), and the data path's check that the device exists
+///   (bpf_fib_lookup) then stops before a route lookup.
+pub fn prepare_imq_device(name: &str) {
+    let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6"), "1");
+    let _ = std::fs::write(format!("/proc/sys/net/ipv4/conf/{name}/forwarding"), "0");
+}
+
 pub struct Netlink {
     rt: Runtime,
     handle: Handle,
@@ -116,9 +129,8 @@ impl Netlink {
         Ok(self.links()?.into_iter().find(|l| l.index == index))
     }
 
-    /// Creates an ifb device with the given txqueuelen and brings it up. IPv6 is
-    /// disabled on it first: an imq device carries other interfaces' packets and must
-    /// not send ND/MLD of its own (ifb would drop them and count them as received).
+    /// Creates an ifb device with the given txqueuelen and brings it up, prepared as
+    /// an imq device ([`prepare_imq_device`]).
     pub fn add_ifb(&self, name: &str, txqueuelen: u32) -> Result<Link> {
         let added = self.rt.block_on(async {
             let msg = LinkIfb::new(name).txqueuelen(txqueuelen).build();
@@ -140,8 +152,7 @@ impl Netlink {
         let link = self
             .link_by_name(name)?
             .ok_or_else(|| Error::Netlink(format!("{name} vanished right after it was created")))?;
-        // Absent when IPv6 is disabled altogether: nothing to silence then.
-        let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6"), "1");
+        prepare_imq_device(name);
         if let Err(e) = self.set_up(link.index) {
             let _ = self.del_link(link.index);
             return Err(e);
@@ -173,26 +184,53 @@ impl Netlink {
     }
 }
 
-/// Preference of imq's egress filters on the clsact egress hook. High, so that the
-/// admin's own filters (tc numbers them from 49152 down) run first; IMQ likewise took
-/// packets at POSTROUTING after every table.
-pub const EGRESS_FILTER_PREF: u16 = 0xfff0;
+/// Preference of imq's filters on the clsact hooks. High, so that the admin's own
+/// filters (tc numbers them from 49152 down) run first; IMQ likewise took packets at
+/// POSTROUTING after every table.
+pub const FILTER_PREF: u16 = 0xfff0;
 /// The classid major of imq's egress filters; the minor is the imq device number the
 /// filter's mirred action sends to (the program reads it from skb->tc_classid).
 const EGRESS_CLASSID_MAJOR: u16 = 0x1a0;
 const ETH_P_ALL: u16 = 0x0003;
 const TCA_BPF_ACT: u16 = 1;
 
-fn egress_filter_header(ifindex: u32, dev: u32) -> TcHeader {
-    TcHeader {
-        index: ifindex as i32,
-        parent: TcHandle {
+/// One of imq's cls_bpf filters on an interface's clsact (or ingress) qdisc.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Filter {
+    /// Where the kernel has no TCX: the ingress program, in direct-action mode, one
+    /// filter for all the interface's ingress rules.
+    Ingress,
+    /// The egress filter of one imq device: the egress program in classic mode, with
+    /// a mirred action to the device.
+    Egress { dev: u32 },
+}
+
+impl Filter {
+    fn parent(self) -> TcHandle {
+        TcHandle {
             major: TcHandle::CLSACT.major,
-            minor: TcHandle::MIN_EGRESS,
-        },
-        handle: TcHandle::from(dev + 1),
-        info: (u32::from(EGRESS_FILTER_PREF) << 16) | u32::from(ETH_P_ALL.to_be()),
-        ..TcHeader::default()
+            minor: match self {
+                Self::Ingress => TcHandle::MIN_INGRESS,
+                Self::Egress { .. } => TcHandle::MIN_EGRESS,
+            },
+        }
+    }
+
+    fn handle(self) -> u32 {
+        match self {
+            Self::Ingress => 1,
+            Self::Egress { dev } => dev + 1,
+        }
+    }
+
+    fn header(self, ifindex: u32) -> TcHeader {
+        TcHeader {
+            index: ifindex as i32,
+            parent: self.parent(),
+            handle: TcHandle::from(self.handle()),
+            info: (u32::from(FILTER_PREF) << 16) | u32::from(ETH_P_ALL.to_be()),
+            ..TcHeader::default()
+        }
     }
 }
 
@@ -226,8 +264,10 @@ impl Netlink {
         })
     }
 
-    /// Adds a clsact qdisc to the interface unless one is there.
-    pub fn ensure_clsact(&self, ifindex: u32, ifname: &str) -> Result<()> {
+    /// Makes sure the interface has the qdisc `filter` hangs on: clsact, added unless
+    /// there. An admin's `ingress` qdisc serves the ingress filter as well (its
+    /// filters share the ffff: block), but not the egress ones.
+    pub fn ensure_clsact(&self, ifindex: u32, ifname: &str, filter: Filter) -> Result<()> {
         let mut msg = TcMessage::with_index(ifindex as i32);
         msg.header.handle = TcHandle {
             major: 0xffff,
@@ -240,31 +280,46 @@ impl Netlink {
             NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL,
         ) {
             Ok(_) => Ok(()),
-            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
-                if self.has_clsact(ifindex)? {
-                    Ok(())
-                } else {
-                    Err(Error::Netlink(format!(
-                        "{ifname} has an ingress qdisc, not clsact: imq needs clsact for egress \
-                         (tc qdisc del dev {ifname} ingress; tc qdisc add dev {ifname} clsact)"
-                    )))
-                }
-            }
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => match (self.ingress_qdisc(ifindex)?, filter) {
+                (Some(kind), _) if kind == "clsact" => Ok(()),
+                (Some(kind), Filter::Ingress) if kind == "ingress" => Ok(()),
+                _ => Err(Error::Netlink(format!(
+                    "{ifname} has an ingress qdisc, not clsact: imq needs clsact for egress \
+                     (tc qdisc del dev {ifname} ingress; tc qdisc add dev {ifname} clsact)"
+                ))),
+            },
             Err(e) => Err(nl_err(&format!("add clsact qdisc to {ifname}"), e)),
         }
     }
 
-    fn has_clsact(&self, ifindex: u32) -> Result<bool> {
+    /// The kind of the qdisc at ffff: (`clsact` or `ingress`), if any.
+    fn ingress_qdisc(&self, ifindex: u32) -> Result<Option<String>> {
         let msg = TcMessage::with_index(ifindex as i32);
         let qdiscs = self
             .tc_request(RouteNetlinkMessage::GetQueueDiscipline(msg), NLM_F_REQUEST | NLM_F_DUMP)
             .map_err(|e| nl_err("list qdiscs", e))?;
-        Ok(qdiscs.iter().any(|q| {
-            q.header.index == ifindex as i32
-                && q.attributes
-                    .iter()
-                    .any(|a| matches!(a, TcAttribute::Kind(k) if k == "clsact"))
-        }))
+        Ok(qdiscs
+            .iter()
+            .filter(|q| q.header.index == ifindex as i32)
+            .flat_map(|q| &q.attributes)
+            .find_map(|a| match a {
+                TcAttribute::Kind(k) if k == "clsact" || k == "ingress" => Some(k.clone()),
+                _ => None,
+            }))
+    }
+
+    /// Installs (or replaces, atomically for the packets) imq's ingress filter:
+    /// cls_bpf running `prog_fd` in direct-action mode, where it redirects by itself.
+    pub fn replace_ingress_filter(&self, ifindex: u32, prog_fd: u32) -> Result<()> {
+        self.replace_filter(
+            ifindex,
+            Filter::Ingress,
+            vec![
+                TcOption::Bpf(TcFilterBpfOption::ProgFd(prog_fd)),
+                TcOption::Bpf(TcFilterBpfOption::ProgName("imq_ingress".into())),
+                TcOption::Bpf(TcFilterBpfOption::Flags(TcBpfFlags::DirectAction)),
+            ],
+        )
     }
 
     /// Installs (or replaces) the egress filter of imq device `dev` on an interface:
@@ -285,61 +340,77 @@ impl Netlink {
         let actions = [action];
         let mut act_buf = vec![0u8; actions.as_slice().buffer_len()];
         actions.as_slice().emit(&mut act_buf);
+        self.replace_filter(
+            ifindex,
+            Filter::Egress { dev },
+            vec![
+                TcOption::Bpf(TcFilterBpfOption::ProgFd(prog_fd)),
+                TcOption::Bpf(TcFilterBpfOption::ProgName(format!("imq_egress:imq{dev}"))),
+                TcOption::Bpf(TcFilterBpfOption::ClassId(TcHandle {
+                    major: EGRESS_CLASSID_MAJOR,
+                    minor: dev as u16,
+                })),
+                TcOption::Bpf(TcFilterBpfOption::Other(DefaultNla::new(TCA_BPF_ACT, act_buf))),
+            ],
+        )
+    }
 
+    fn replace_filter(&self, ifindex: u32, filter: Filter, options: Vec<TcOption>) -> Result<()> {
         let mut msg = TcMessage::with_index(ifindex as i32);
-        msg.header = egress_filter_header(ifindex, dev);
+        msg.header = filter.header(ifindex);
         msg.attributes.push(TcAttribute::Kind(TcFilterBpf::KIND.into()));
-        msg.attributes.push(TcAttribute::Options(vec![
-            TcOption::Bpf(TcFilterBpfOption::ProgFd(prog_fd)),
-            TcOption::Bpf(TcFilterBpfOption::ProgName(format!("imq_egress:imq{dev}"))),
-            TcOption::Bpf(TcFilterBpfOption::ClassId(TcHandle {
-                major: EGRESS_CLASSID_MAJOR,
-                minor: dev as u16,
-            })),
-            TcOption::Bpf(TcFilterBpfOption::Other(DefaultNla::new(TCA_BPF_ACT, act_buf))),
-        ]));
+        msg.attributes.push(TcAttribute::Options(options));
         self.tc_request(
             RouteNetlinkMessage::NewTrafficFilter(msg),
             NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE,
         )
         .map(drop)
-        .map_err(|e| nl_err("add egress filter", e))
+        .map_err(|e| nl_err("add filter", e))
     }
 
-    /// Removes imq device `dev`'s egress filter from an interface, if there.
-    pub fn del_egress_filter(&self, ifindex: u32, dev: u32) -> Result<()> {
+    /// Removes one of imq's filters from an interface, if there.
+    pub fn del_filter(&self, ifindex: u32, filter: Filter) -> Result<()> {
         let mut msg = TcMessage::with_index(ifindex as i32);
-        msg.header = egress_filter_header(ifindex, dev);
+        msg.header = filter.header(ifindex);
         msg.attributes.push(TcAttribute::Kind(TcFilterBpf::KIND.into()));
         match self.tc_request(RouteNetlinkMessage::DelTrafficFilter(msg), NLM_F_REQUEST | NLM_F_ACK) {
             Ok(_) => Ok(()),
             Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::EINVAL | libc::ENODEV)) => Ok(()),
-            Err(e) => Err(nl_err("delete egress filter", e)),
+            Err(e) => Err(nl_err("delete filter", e)),
         }
     }
 
-    /// The imq device numbers that have an egress filter on the interface.
-    pub fn egress_filters(&self, ifindex: u32) -> Result<Vec<u32>> {
-        let mut msg = TcMessage::with_index(ifindex as i32);
-        msg.header.parent = TcHandle {
-            major: TcHandle::CLSACT.major,
-            minor: TcHandle::MIN_EGRESS,
-        };
-        let filters = match self.tc_request(RouteNetlinkMessage::GetTrafficFilter(msg), NLM_F_REQUEST | NLM_F_DUMP) {
-            Ok(f) => f,
-            // No clsact qdisc: no filters.
-            Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOENT)) => return Ok(Vec::new()),
-            Err(e) => return Err(nl_err("list egress filters", e)),
-        };
-        Ok(filters
-            .iter()
-            .filter(|f| (f.header.info >> 16) as u16 == EGRESS_FILTER_PREF && u32::from(f.header.handle) != 0)
-            .filter(|f| {
-                f.attributes
+    /// imq's filters on the interface.
+    pub fn filters(&self, ifindex: u32) -> Result<Vec<Filter>> {
+        let mut found = Vec::new();
+        for (parent, ingress) in [
+            (Filter::Ingress.parent(), true),
+            (Filter::Egress { dev: 0 }.parent(), false),
+        ] {
+            let mut msg = TcMessage::with_index(ifindex as i32);
+            msg.header.parent = parent;
+            let filters = match self.tc_request(RouteNetlinkMessage::GetTrafficFilter(msg), NLM_F_REQUEST | NLM_F_DUMP)
+            {
+                Ok(f) => f,
+                // No clsact qdisc: no filters.
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOENT)) => continue,
+                Err(e) => return Err(nl_err("list filters", e)),
+            };
+            found.extend(
+                filters
                     .iter()
-                    .any(|a| matches!(a, TcAttribute::Kind(k) if k == TcFilterBpf::KIND))
-            })
-            .map(|f| u32::from(f.header.handle) - 1)
-            .collect())
+                    .filter(|f| (f.header.info >> 16) as u16 == FILTER_PREF && u32::from(f.header.handle) != 0)
+                    .filter(|f| {
+                        f.attributes
+                            .iter()
+                            .any(|a| matches!(a, TcAttribute::Kind(k) if k == TcFilterBpf::KIND))
+                    })
+                    .map(|f| match (ingress, u32::from(f.header.handle)) {
+                        (true, _) => Filter::Ingress,
+                        (false, h) => Filter::Egress { dev: h - 1 },
+                    }),
+            );
+        }
+        Ok(found)
     }
 }

@@ -28,8 +28,7 @@ use aya::{
 };
 use imq_common::{
     ACTIVE_MAP, COUNTERS_MAP, Counters, DEVICE_DOWN, DEVICES_MAP, Device, EGRESS_PROG, ENTRIES_MAP, EntryKey,
-    HOOKS_MAP, Hook, HookKey, IFB_CLOSE_PROG, IFB_OPEN_PROG, IFINDEXES_MAP, INGRESS_PROG, RULES_MAP, RuleKey, RuleSpec,
-    Target,
+    HOOKS_MAP, Hook, HookKey, IFINDEXES_MAP, INGRESS_PROG, NETDEV_EVENT_PROG, RULES_MAP, RuleKey, RuleSpec, Target,
 };
 
 use crate::{
@@ -47,29 +46,43 @@ pub(crate) struct State {
 
 const PROG_INGRESS: &str = "prog_ingress";
 const PROG_EGRESS: &str = "prog_egress";
-const LINK_IFB_OPEN: &str = "link_ifb_open";
-const LINK_IFB_CLOSE: &str = "link_ifb_close";
+const LINK_NETDEV_EVENT: &str = "link_netdev_event";
 /// A directory that names the layout of the pinned maps (bpffs holds no regular files).
 const LAYOUT: &str = "layout-2";
 /// A directory whose presence says the device hooks could not be loaded here.
 const NO_DEVICE_HOOKS: &str = "no_device_hooks";
 
-/// What the device hooks need to know; see imq-ebpf's track_device.
+/// What the device hook needs to know; see imq-ebpf's imq_netdev_event.
 struct HookConstants {
-    netns_cookie: u64,
+    netns_id: u64,
+    net_id_mask: u64,
+    net_id: u32,
     dev_ifindex: u32,
     dev_net: u32,
-    net_cookie: u32,
+    info_dev: u32,
+    up: u64,
+    going_down: u64,
+    down: u64,
 }
 
 impl HookConstants {
     fn read() -> Option<Self> {
         let btf = crate::btf::Btf::from_sys_fs()?;
+        let event = |name| btf.enum_value("netdev_cmd", name).map(|v| v as u64);
+        let (netns_id, net_id, net_id_mask) = match sys::netns_id().ok()? {
+            sys::NetnsId::Cookie(c) => (c, btf.offset_of("net", &["net_cookie"])?, u64::MAX),
+            sys::NetnsId::Inode(i) => (i, btf.offset_of("net", &["ns", "inum"])?, u64::from(u32::MAX)),
+        };
         Some(Self {
-            netns_cookie: sys::netns_cookie().ok()?,
+            netns_id,
+            net_id_mask,
+            net_id,
             dev_ifindex: btf.offset_of("net_device", &["ifindex"])?,
             dev_net: btf.offset_of("net_device", &["nd_net", "net"])?,
-            net_cookie: btf.offset_of("net", &["net_cookie"])?,
+            info_dev: btf.offset_of("netdev_notifier_info", &["dev"])?,
+            up: event("NETDEV_UP")?,
+            going_down: event("NETDEV_GOING_DOWN")?,
+            down: event("NETDEV_DOWN")?,
         })
     }
 }
@@ -142,7 +155,7 @@ impl State {
         ensure_dir(&root)?;
         let lock = sys::Lock::exclusive(&root)?;
         Ok(Locked {
-            dir: root.join(format!("net-{}", sys::netns_cookie()?)),
+            dir: root.join(sys::netns_id()?.dir_name()),
             lock,
         })
     }
@@ -172,17 +185,22 @@ impl State {
         }
         // The device hooks are loaded once per namespace, with its cookie and the
         // running kernel's struct offsets as constants.
-        let hooks = if dir.join(LINK_IFB_OPEN).exists() || dir.join(NO_DEVICE_HOOKS).exists() {
+        let hooks = if dir.join(LINK_NETDEV_EVENT).exists() || dir.join(NO_DEVICE_HOOKS).exists() {
             None
         } else {
             HookConstants::read()
         };
         if let Some(c) = &hooks {
             loader
-                .override_global("NETNS_COOKIE", &c.netns_cookie, true)
+                .override_global("NETNS_ID", &c.netns_id, true)
+                .override_global("NET_ID_MASK", &c.net_id_mask, true)
+                .override_global("OFFSET_NET_ID", &c.net_id, true)
                 .override_global("OFFSET_DEV_IFINDEX", &c.dev_ifindex, true)
                 .override_global("OFFSET_DEV_NET", &c.dev_net, true)
-                .override_global("OFFSET_NET_COOKIE", &c.net_cookie, true);
+                .override_global("OFFSET_INFO_DEV", &c.info_dev, true)
+                .override_global("NETDEV_UP", &c.up, true)
+                .override_global("NETDEV_GOING_DOWN", &c.going_down, true)
+                .override_global("NETDEV_DOWN", &c.down, true);
         }
         let ebpf = loader
             .load(crate::EBPF_OBJECT)
@@ -200,33 +218,32 @@ impl State {
         Ok(state)
     }
 
-    /// Whether the device hooks run: imq then follows its devices going down and up by
-    /// itself. (Some kernels refuse fentry programs, e.g. without BPF trampolines.)
+    /// Whether the device hook runs: imq then follows its devices going down and up by
+    /// itself. (Some kernels refuse tracing programs, e.g. without BPF trampolines or
+    /// with a lockdown.)
     pub fn tracks_device_state(&self) -> bool {
-        self.dir.join(LINK_IFB_OPEN).exists()
+        self.dir.join(LINK_NETDEV_EVENT).exists()
     }
 
-    /// fentry programs on ifb's ndo_open/ndo_stop keep the down-device map current.
+    /// An fentry program on call_netdevice_notifiers_info keeps the down-device flags
+    /// of the device table current.
     fn attach_device_hooks(&mut self) -> Result<()> {
         let btf = aya::Btf::from_sys_fs().map_err(|e| Error::bpf("kernel BTF", e))?;
-        for (prog_name, function, pin) in [
-            (IFB_OPEN_PROG, "ifb_open", LINK_IFB_OPEN),
-            (IFB_CLOSE_PROG, "ifb_close", LINK_IFB_CLOSE),
-        ] {
-            let prog: &mut FEntry = self
-                .ebpf
-                .program_mut(prog_name)
-                .ok_or_else(|| Error::Bpf(format!("program {prog_name} missing from the object")))?
-                .try_into()
-                .map_err(|e| Error::bpf("program type", e))?;
-            prog.load(function, &btf)
-                .map_err(|e| Error::bpf(&format!("load {prog_name}"), e))?;
-            let id = prog
-                .attach()
-                .map_err(|e| Error::bpf(&format!("attach to {function}"), e))?;
-            let link: FdLink = prog.take_link(id).map_err(|e| Error::bpf("take link", e))?.into();
-            link.pin(self.dir.join(pin)).map_err(|e| Error::bpf("pin link", e))?;
-        }
+        let function = "call_netdevice_notifiers_info";
+        let prog: &mut FEntry = self
+            .ebpf
+            .program_mut(NETDEV_EVENT_PROG)
+            .ok_or_else(|| Error::Bpf(format!("program {NETDEV_EVENT_PROG} missing from the object")))?
+            .try_into()
+            .map_err(|e| Error::bpf("program type", e))?;
+        prog.load(function, &btf)
+            .map_err(|e| Error::bpf(&format!("load {NETDEV_EVENT_PROG}"), e))?;
+        let id = prog
+            .attach()
+            .map_err(|e| Error::bpf(&format!("attach to {function}"), e))?;
+        let link: FdLink = prog.take_link(id).map_err(|e| Error::bpf("take link", e))?.into();
+        link.pin(self.dir.join(LINK_NETDEV_EVENT))
+            .map_err(|e| Error::bpf("pin link", e))?;
         Ok(())
     }
 

@@ -1,4 +1,4 @@
-//! Small system facts and syscalls: privileges, kernel version, network namespace
+//! Small system facts and syscalls: privileges, kernel features, network namespace
 //! identity, bpffs detection and mounting, locks.
 
 use std::{
@@ -38,41 +38,36 @@ pub fn check_privileges() -> Result<()> {
     }
 }
 
-/// The running kernel's release string (`uname -r`).
-pub fn kernel_release() -> String {
-    // SAFETY: utsname is plain data; uname fills it.
-    let mut uts: libc::utsname = unsafe { std::mem::zeroed() };
-    // SAFETY: valid pointer to a utsname.
-    if unsafe { libc::uname(&mut uts) } != 0 {
-        return String::from("unknown");
+/// How imq tells network namespaces apart: its state directory and the device hooks
+/// are keyed by this.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NetnsId {
+    /// SO_NETNS_COOKIE (Linux 5.14): unique for the life of the system, never reused.
+    Cookie(u64),
+    /// The namespace's nsfs inode number, where there is no cookie to read: unique
+    /// among living namespaces, but reused once one is gone.
+    Inode(u64),
+}
+
+impl NetnsId {
+    /// The state directory of the namespace under `<bpffs>/imq/`.
+    pub fn dir_name(self) -> String {
+        match self {
+            Self::Cookie(c) => format!("net-{c}"),
+            Self::Inode(i) => format!("net-inode-{i}"),
+        }
     }
-    // SAFETY: uname NUL-terminates release.
-    unsafe { std::ffi::CStr::from_ptr(uts.release.as_ptr()) }
-        .to_string_lossy()
-        .into_owned()
-}
 
-/// TCX (multi-prog TC attachment with BPF links) arrived in Linux 6.6.
-pub fn release_has_tcx(release: &str) -> bool {
-    let mut parts = release.split(|c: char| !c.is_ascii_digit());
-    let major: u32 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
-    let minor: u32 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
-    (major, minor) >= (6, 6)
-}
-
-pub fn check_tcx() -> Result<()> {
-    let release = kernel_release();
-    if release_has_tcx(&release) {
-        Ok(())
-    } else {
-        Err(Error::NoTcx(release))
+    pub fn value(self) -> u64 {
+        match self {
+            Self::Cookie(v) | Self::Inode(v) => v,
+        }
     }
 }
 
-/// The current network namespace's cookie: unique for the life of the system and never
-/// reused, unlike the namespace's inode number, so state keyed by it can never be
-/// mistaken for that of a namespace that died.
-pub fn netns_cookie() -> Result<u64> {
+/// The calling thread's network namespace: its cookie, or on kernels that cannot
+/// report one (before 5.14), its inode number.
+pub fn netns_id() -> Result<NetnsId> {
     // SAFETY: plain socket call; the fd is owned below.
     let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
     if fd < 0 {
@@ -92,10 +87,47 @@ pub fn netns_cookie() -> Result<u64> {
             &mut len,
         )
     };
-    if ret != 0 {
-        return Err(Error::io("getsockopt(SO_NETNS_COOKIE)", io::Error::last_os_error()));
+    if ret == 0 {
+        return Ok(NetnsId::Cookie(cookie));
     }
-    Ok(cookie)
+    let err = io::Error::last_os_error();
+    if err.raw_os_error() != Some(libc::ENOPROTOOPT) {
+        return Err(Error::io("getsockopt(SO_NETNS_COOKIE)", err));
+    }
+    use std::os::unix::fs::MetadataExt as _;
+    // thread-self: setns changes the namespace of one thread.
+    let ns = fs::metadata("/proc/thread-self/ns/net").map_err(|e| Error::io("/proc/thread-self/ns/net", e))?;
+    Ok(NetnsId::Inode(ns.ino()))
+}
+
+/// Whether the kernel has TCX (BPF links on the TC hooks, Linux 6.6). Asked of the
+/// kernel itself: a BPF_LINK_CREATE of `prog` (a loaded SCHED_CLS program) for TCX
+/// ingress on ifindex 0 fails with ENODEV where TCX exists (no such device) and with
+/// EINVAL where the attach type is unknown. Nothing is attached either way.
+pub fn has_tcx(prog: std::os::fd::BorrowedFd<'_>) -> bool {
+    const BPF_LINK_CREATE: libc::c_long = 28;
+    const BPF_TCX_INGRESS: u64 = 46;
+    // union bpf_attr, BPF_LINK_CREATE: prog_fd, target_ifindex, attach_type, flags
+    // (u32 each).
+    let mut attr = [0u64; 16];
+    attr[0] = prog.as_raw_fd() as u64;
+    attr[1] = BPF_TCX_INGRESS;
+    // SAFETY: attr is a zeroed union bpf_attr of the size passed.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_LINK_CREATE,
+            attr.as_mut_ptr(),
+            size_of::<[u64; 16]>(),
+        )
+    };
+    if ret >= 0 {
+        // Cannot happen with ifindex 0; never leak a link if it does.
+        // SAFETY: the syscall returned a new descriptor nothing else owns.
+        drop(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(ret as i32) });
+        return true;
+    }
+    io::Error::last_os_error().raw_os_error() == Some(libc::ENODEV)
 }
 
 pub fn is_bpffs(path: &Path) -> bool {
@@ -265,19 +297,4 @@ pub fn wait_for_bpf_programs(inner: std::os::fd::BorrowedFd<'_>) -> Result<()> {
         return Err(Error::io("update map-of-maps", io::Error::last_os_error()));
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn tcx_needs_6_6() {
-        assert!(release_has_tcx("6.6.0"));
-        assert!(release_has_tcx("6.18.44-fc-v669"));
-        assert!(release_has_tcx("7.0-rc1"));
-        assert!(!release_has_tcx("6.5.13-amd64"));
-        assert!(!release_has_tcx("5.15.0-91-generic"));
-        assert!(!release_has_tcx("garbage"));
-    }
 }

@@ -268,6 +268,22 @@ pub fn ping(ns: &NetNs, dst: &str, count: u32) -> u32 {
         .unwrap_or(0)
 }
 
+/// The average RTT of `count` pings from `ns` to `dst`, in milliseconds; panics if
+/// none came back.
+pub fn ping_rtt_ms(ns: &NetNs, dst: &str, count: u32) -> f64 {
+    let out = ns
+        .command("ping")
+        .args(["-c", &count.to_string(), "-i", "0.2", "-W", "2", "-q", dst])
+        .output()
+        .expect("spawn ping");
+    let text = String::from_utf8_lossy(&out.stdout);
+    // "rtt min/avg/max/mdev = 40.1/40.6/41.9/0.5 ms"
+    text.lines()
+        .find_map(|l| l.split_once(" = ").filter(|(k, _)| k.starts_with("rtt")))
+        .and_then(|(_, v)| v.split('/').nth(1)?.parse().ok())
+        .unwrap_or_else(|| panic!("no RTT from ping {dst}: {text}"))
+}
+
 /// What the receiver measured.
 #[derive(Clone, Copy, Debug)]
 pub struct Goodput {

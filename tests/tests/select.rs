@@ -86,8 +86,10 @@ fn classid_puts_port_selected_flows_into_htb_classes() {
     }
     let status = show(s);
     assert_eq!(rule_at(&status, "s0", 10)["classid"], "1:10");
+    // Bytes, not packets: how many packets carried them depends on GRO, which
+    // aggregates more on a slower machine (hundreds of 40 KB packets in the VMs).
     assert!(
-        rule_at(&status, "s0", 20)["packets"].as_u64().unwrap() > 1000,
+        rule_at(&status, "s0", 20)["bytes"].as_u64().unwrap() > 4_000_000,
         "{status}"
     );
 
@@ -453,9 +455,9 @@ fn a_re_injected_packet_is_not_selected_again_after_set_mark() {
     );
 }
 
-/// This namespace's SO_NETNS_COOKIE, which names imq's state directory.
-fn netns_cookie(ns: &NetNs) -> u64 {
-    ns.spawn(|| Ok(imq::netns_cookie()?)).join().unwrap().unwrap()
+/// The name of this namespace's imq state directory.
+fn netns_dir(ns: &NetNs) -> String {
+    ns.spawn(|| Ok(imq::netns_id()?.dir_name())).join().unwrap().unwrap()
 }
 
 /// What a command that died half-way through a change leaves in the unused
@@ -469,7 +471,7 @@ fn a_half_written_generation_is_cleared_by_the_next_change() {
     let pair = Pair::new("gen").unwrap();
     let s = &pair.server;
     s.imqctl_ok(&["attach", "s0", "--proto", "udp"]);
-    let dir = std::path::PathBuf::from(format!("/sys/fs/bpf/imq/net-{}", netns_cookie(s)));
+    let dir = std::path::PathBuf::from(format!("/sys/fs/bpf/imq/{}", netns_dir(s)));
     let open = |name: &str| Map::from_map_data(MapData::from_pin(dir.join(name)).unwrap()).unwrap();
     let active: u32 = Array::<_, u32>::try_from(open("imq_active"))
         .unwrap()

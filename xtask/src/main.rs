@@ -3,6 +3,7 @@
 mod bench;
 mod demo;
 mod setup;
+mod vm;
 
 use std::{
     ffi::OsString,
@@ -33,6 +34,17 @@ enum Task {
     },
     /// Run every test: unit, BPF_PROG_TEST_RUN and privileged integration tests (root)
     Test {
+        /// Only tests whose name contains this
+        filter: Option<String>,
+    },
+    /// Run the test suite on Debian 11, 12 and 13's kernels, booted under qemu (root)
+    VmTest {
+        /// bullseye, bookworm, trixie or all; repeat or separate with commas
+        #[arg(long, default_value = "all", value_delimiter = ',')]
+        kernel: Vec<String>,
+        /// Minutes one kernel may take, boot to power-off
+        #[arg(long, default_value_t = 40)]
+        timeout_minutes: u64,
         /// Only tests whose name contains this
         filter: Option<String>,
     },
@@ -80,7 +92,9 @@ fn build() -> Result<()> {
 fn test(filter: Option<String>) -> Result<()> {
     build()?;
     let mut cmd = cargo();
-    cmd.args(["test", "--release"]).env("IMQCTL", imqctl_path());
+    // Every test binary runs, also after one has failed.
+    cmd.args(["test", "--release", "--no-fail-fast"])
+        .env("IMQCTL", imqctl_path());
     // Throughput tests share two cores: one at a time keeps their figures honest.
     cmd.args(["--", "--test-threads=1"]);
     cmd.args(filter);
@@ -127,6 +141,22 @@ fn main() -> ExitCode {
             };
         }
         Task::Test { filter } => test(filter),
+        Task::VmTest {
+            kernel,
+            timeout_minutes,
+            filter,
+        } => build().and_then(|()| {
+            let suites = if kernel.iter().any(|k| k == "all") {
+                vm::SUITES.iter().map(|(s, _)| (*s).to_owned()).collect()
+            } else {
+                kernel
+            };
+            vm::run_tests(&vm::Options {
+                suites,
+                filter,
+                timeout: std::time::Duration::from_secs(timeout_minutes * 60),
+            })
+        }),
         Task::Lint => lint(),
         Task::Bench { render_only: true } => bench::render_saved(),
         Task::Bench { render_only: false } => build().and_then(|()| bench::run()),

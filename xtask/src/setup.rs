@@ -80,14 +80,7 @@ pub fn setup() -> Result<()> {
         did.push("built bpf-linker against the nightly's LLVM");
     }
 
-    let mut packages: Vec<&str> = TOOLS.iter().filter(|(t, _)| !on_path(t)).map(|(_, p)| *p).collect();
-    packages.dedup();
-    if !packages.is_empty() {
-        run(Command::new("apt-get").args(["update", "-qq"]))?;
-        run(Command::new("apt-get")
-            .args(["install", "-y", "-qq", "--no-install-recommends"])
-            .args(&packages)
-            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    if ensure_packages(TOOLS)? {
         did.push("installed Debian packages");
     }
 
@@ -100,6 +93,23 @@ pub fn setup() -> Result<()> {
         eprintln!("setup: {}", did.join("; "));
     }
     Ok(())
+}
+
+/// Installs the Debian package of each (command, package) whose command is missing;
+/// whether it installed any.
+pub fn ensure_packages(tools: &[(&str, &str)]) -> Result<bool> {
+    let mut packages: Vec<&str> = tools.iter().filter(|(t, _)| !on_path(t)).map(|(_, p)| *p).collect();
+    packages.sort_unstable();
+    packages.dedup();
+    if packages.is_empty() {
+        return Ok(false);
+    }
+    run(Command::new("apt-get").args(["update", "-qq"]))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-qq", "--no-install-recommends"])
+        .args(&packages)
+        .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    Ok(true)
 }
 
 fn tool_names() -> String {

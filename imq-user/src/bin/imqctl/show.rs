@@ -2,8 +2,8 @@
 //!
 //! ```text
 //! dev imq0 ifindex 7 up txqueuelen 1000
-//! ingress eth0 prio 10 mark 0x10/0xff dev imq0 packets 1432 bytes 2071228
-//! egress eth0 prio 20 proto udp dport 5060 dev imq0 classid 1:10 packets 12 bytes 2400
+//! ingress eth0 prio 10 mark 0x10/0xff dev imq0 packets 1432 bytes 2071228 hook tcx
+//! egress eth0 prio 20 proto udp dport 5060 dev imq0 classid 1:10 packets 12 bytes 2400 hook clsact
 //! ```
 
 use std::fmt::Write as _;
@@ -55,7 +55,9 @@ pub fn render(status: &Status) -> String {
             let _ = write!(out, " classid {c}");
         }
         let _ = write!(out, " packets {} bytes {}", r.packets, r.bytes);
-        if !r.attached {
+        if r.attached {
+            let _ = write!(out, " hook {}", r.hook);
+        } else {
             out.push_str(" (not attached)");
         }
         out.push('\n');
