@@ -235,15 +235,26 @@ mod tests {
     }
 
     #[test]
-    fn running_kernel_has_the_offsets_imq_needs() {
+    fn running_kernel_has_the_offsets_and_values_imq_needs() {
         let Some(btf) = Btf::from_sys_fs() else {
             panic!("/sys/kernel/btf/vmlinux missing or unreadable");
         };
-        let ifindex = btf.offset_of("net_device", &["ifindex"]).expect("net_device.ifindex");
-        let net = btf
-            .offset_of("net_device", &["nd_net", "net"])
-            .expect("net_device.nd_net.net");
-        let cookie = btf.offset_of("net", &["net_cookie"]).expect("net.net_cookie");
-        assert!(ifindex > 0 && net > 0 && cookie > 0, "{ifindex} {net} {cookie}");
+        let offsets = [
+            ("net_device", &["ifindex"][..]),
+            ("net_device", &["nd_net", "net"]),
+            ("net", &["net_cookie"]),
+            ("net", &["ns", "inum"]),
+            ("netdev_notifier_info", &["dev"]),
+        ];
+        for (name, path) in offsets {
+            let off = btf.offset_of(name, path);
+            assert!(off.is_some(), "struct {name}: no {path:?}");
+        }
+        let events: Vec<i64> = ["NETDEV_UP", "NETDEV_DOWN", "NETDEV_GOING_DOWN"]
+            .iter()
+            .map(|e| btf.enum_value("netdev_cmd", e).unwrap_or_else(|| panic!("no {e}")))
+            .collect();
+        assert_eq!(events[0], 1, "NETDEV_UP has been 1 since Linux 2.6");
+        assert!(events[1] != events[2] && events.iter().all(|&v| v > 0), "{events:?}");
     }
 }

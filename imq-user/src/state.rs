@@ -101,6 +101,25 @@ fn is_not_found(e: &aya::maps::MapError) -> bool {
     }
 }
 
+/// A program the kernel refused, in one line: the errno and the verifier's last word
+/// (its whole log is many lines), and what imq needs.
+fn load_error(name: &str, e: aya::programs::ProgramError) -> Error {
+    match e {
+        aya::programs::ProgramError::LoadError { io_error, verifier_log } => {
+            let log = verifier_log.to_string();
+            let last = log
+                .lines()
+                .map(str::trim)
+                .rfind(|l| !l.is_empty() && !l.starts_with("processed ") && !l.starts_with("verification time"))
+                .unwrap_or("no verifier output");
+            Error::Bpf(format!(
+                "this kernel refused {name} ({io_error}; verifier: {last}): imq needs Linux 5.10 or later with BPF and BTF"
+            ))
+        }
+        e => Error::bpf(&format!("load {name}"), e),
+    }
+}
+
 fn ensure_dir(dir: &Path) -> Result<()> {
     match fs::create_dir(dir) {
         Ok(()) => Ok(()),
@@ -490,7 +509,7 @@ impl State {
                 .ok_or_else(|| Error::Bpf(format!("program {name} missing from the object")))?
                 .try_into()
                 .map_err(|e| Error::bpf("program type", e))?;
-            prog.load().map_err(|e| Error::bpf(&format!("load {name}"), e))?;
+            prog.load().map_err(|e| load_error(name, e))?;
             prog.pin(&pin).map_err(|e| Error::bpf(&format!("pin {name}"), e))?;
         }
         SchedClassifier::from_pin(&pin).map_err(|e| Error::bpf("open pinned program", e))
