@@ -53,6 +53,8 @@ pub const COUNTERS_MAP: &str = "imq_counters";
 
 /// Program names in the ELF.
 pub const INGRESS_PROG: &str = "imq_ingress";
+/// The ingress program for kernels without TCX (cls_bpf + mirred, like egress).
+pub const INGRESS_CLS_PROG: &str = "imq_ingress_cls";
 pub const EGRESS_PROG: &str = "imq_egress";
 pub const NETDEV_EVENT_PROG: &str = "imq_netdev_event";
 

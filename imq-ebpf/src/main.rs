@@ -1,8 +1,8 @@
 //! imq data path: TC programs that send selected packets into imq (ifb) devices.
 //!
-//! Ingress: a TC ingress program (a TCX link where the kernel has TCX, else a cls_bpf
-//! filter in direct-action mode on clsact) classifies the packet by the rules of its
-//! interface and, on a match, `bpf_redirect`s it into the rule's imq device. After the imq
+//! Ingress: a TCX ingress program classifies the packet by the rules of its interface
+//! and, on a match, `bpf_redirect`s it into the rule's imq device. (Kernels without
+//! TCX take the egress way on ingress too: [`imq_ingress_cls`].) After the imq
 //! device's qdisc, ifb re-injects it with `netif_receive_skb` on the original device,
 //! and `skb_skip_tc_classify` keeps the TC ingress hook from running on it again, so a
 //! packet is queued at most once (ifb_ri_tasklet, __netif_receive_skb_core).
@@ -61,9 +61,7 @@ static IFINDEXES: HashMap<u32, u32> = HashMap::with_max_entries(2 * MAX_DEVICES,
 #[map(name = "imq_counters")]
 static COUNTERS: PerCpuHashMap<u32, Counters> = PerCpuHashMap::with_max_entries(MAX_RULES, BPF_F_NO_PREALLOC);
 
-/// Verdict "not mine": under TCX the next TCX program, then classic tc filters, still
-/// run; as a direct-action cls_bpf filter, the next filter does (cls_bpf_classify
-/// goes on for TC_ACT_UNSPEC).
+/// TCX verdict "not mine": the next TCX program, then classic tc filters, still run.
 const TCX_NEXT: i32 = TC_ACT_UNSPEC;
 /// cls_bpf (classic mode) verdicts: match with the filter's own classid, or no match.
 const CLS_MATCH: i32 = -1;
@@ -100,21 +98,26 @@ pub fn imq_ingress(ctx: TcContext) -> i32 {
     }
 }
 
+/// Ingress classifier for kernels without TCX, run by cls_bpf in classic mode with an
+/// `act_mirred egress redirect` to one imq device, as [`imq_egress`] is. Not
+/// bpf_redirect from a direct-action filter: before Linux 6.x that leaves
+/// skb->redirected unset, and ifb drops what it did not see redirected (ifb_xmit;
+/// seen on Debian 11's 5.10: every packet counted in imq0's RX dropped). mirred sets
+/// it (skb_set_redirected), and this is the classic ifb ingress setup.
+#[classifier]
+pub fn imq_ingress_cls(ctx: TcContext) -> i32 {
+    classic(&ctx, DIRECTION_INGRESS)
+}
+
 /// Egress classifier, run by cls_bpf in classic (non direct-action) mode with an
 /// `act_mirred egress redirect` to one imq device. bpf_redirect cannot be used on
 /// egress: it leaves skb_iif unset, so ifb drops local packets and sends forwarded ones
 /// back out of their input device (ifb_xmit, ifb_ri_tasklet); mirred sets skb_iif to
 /// the egress device first.
-///
-/// There is one filter per imq device the interface's rules use, all running this
-/// program; cls_bpf stores the filter's classid in skb->tc_classid before running it
-/// (cls_bpf_classify), and its minor number says which device this filter serves. The
-/// program answers "match" (-1: use the filter's classid, then run its mirred action)
-/// only when the first matching rule sends the packet to that device.
 #[classifier]
 pub fn imq_egress(ctx: TcContext) -> i32 {
     // SAFETY: ctx.skb.skb is the context pointer the kernel gave this program.
-    let (filter_dev, came_from) = unsafe { ((*ctx.skb.skb).tc_classid & 0xffff, (*ctx.skb.skb).ingress_ifindex) };
+    let came_from = unsafe { (*ctx.skb.skb).ingress_ifindex };
     // ifb re-injects with dev_queue_xmit and skb_iif set to itself, and classifiers
     // run again (only actions honour tc_skip_classify). A packet any imq device
     // re-injected is never selected again: not by this device's filter, and not by
@@ -123,9 +126,22 @@ pub fn imq_egress(ctx: TcContext) -> i32 {
     if is_imq_device(came_from) {
         return CLS_NO_MATCH;
     }
-    match select(&ctx, DIRECTION_EGRESS) {
+    classic(&ctx, DIRECTION_EGRESS)
+}
+
+/// A classic-mode filter's answer. There is one filter per imq device the hook's
+/// rules use, all running this program; cls_bpf stores the filter's classid in
+/// skb->tc_classid before running it (cls_bpf_classify), and its minor number says
+/// which device this filter serves. The program answers "match" (-1: use the filter's
+/// classid, then run its mirred action) only when the first matching rule sends the
+/// packet to that device.
+#[inline(always)]
+fn classic(ctx: &TcContext, direction: u32) -> i32 {
+    // SAFETY: ctx.skb.skb is the context pointer the kernel gave this program.
+    let filter_dev = unsafe { (*ctx.skb.skb).tc_classid & 0xffff };
+    match select(ctx, direction) {
         Some(sel) if sel.target.dev == filter_dev => {
-            act(&ctx, &sel);
+            act(ctx, &sel);
             CLS_MATCH
         }
         _ => CLS_NO_MATCH,
@@ -230,14 +246,21 @@ fn search(hook: HookKey, shapes: &Hook, flow: &FlowKey) -> Option<Target> {
 /// paged data and fails past the end of the packet.
 #[inline(always)]
 fn read<T: Copy>(ctx: &TcContext, off: usize) -> Option<T> {
-    let (data, end) = (ctx.data(), ctx.data_end());
     // The bound lets the verifier see the in-place read stays within the packet.
-    if off <= DIRECT_READ_LIMIT && data + off + size_of::<T>() <= end {
-        // SAFETY: [data + off, data + off + size) is within the linear data.
-        Some(unsafe { core::ptr::read_unaligned((data + off) as *const T) })
-    } else {
-        ctx.load::<T>(off).ok()
+    // Written as `off > LIMIT` so that the register is compared with an immediate
+    // (BPF v1 has JGT, not JLT): with the constant in a register instead, the 5.10
+    // verifier cannot decide the branch, walks the impossible side with contradictory
+    // bounds on `off` and refuses the read there ("R1 invalid mem access 'inv'",
+    // seen on Debian 11).
+    if off > DIRECT_READ_LIMIT {
+        return ctx.load::<T>(off).ok();
     }
+    let (data, end) = (ctx.data(), ctx.data_end());
+    if data + off + size_of::<T>() > end {
+        return ctx.load::<T>(off).ok();
+    }
+    // SAFETY: [data + off, data + off + size) is within the linear data.
+    Some(unsafe { core::ptr::read_unaligned((data + off) as *const T) })
 }
 
 /// Offsets up to this are read in place when the linear data has them.

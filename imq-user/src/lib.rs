@@ -96,9 +96,9 @@ pub struct RuleStatus {
     pub actions: Actions,
     /// Whether the program is attached to the interface (false if it has gone).
     pub attached: bool,
-    /// How: `tcx` (a TCX link, Linux 6.6+) or `clsact` (a cls_bpf filter on the
-    /// clsact qdisc: egress always, ingress where the kernel has no TCX); empty when
-    /// not attached.
+    /// How: `tcx` (a TCX link, Linux 6.6+) or `clsact` (a cls_bpf filter with a mirred
+    /// action on the clsact qdisc: egress always, ingress where the kernel has no
+    /// TCX); empty when not attached.
     pub hook: &'static str,
     pub packets: u64,
     pub bytes: u64,
@@ -118,24 +118,41 @@ pub struct Status {
 pub struct Imq {
     opts: Options,
     nl: Netlink,
+    /// Whether the kernel has TCX, asked of it once.
+    tcx: bool,
 }
 
 /// What a hook needs in the kernel for its rules to see packets.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Need {
-    /// The ingress program attached to the interface (TCX).
-    Ingress(u32),
-    /// The interface's egress filter that redirects to imq device `dev`.
-    Egress { ifindex: u32, dev: DevName },
+    /// The ingress program's TCX link on the interface (kernels with TCX).
+    Tcx(u32),
+    /// The interface's classic filter on `direction` that redirects to imq device
+    /// `dev`: egress always, ingress on kernels without TCX.
+    Filter {
+        ifindex: u32,
+        direction: Direction,
+        dev: DevName,
+    },
 }
 
-fn needs(rules: &[(u32, Rule)]) -> BTreeSet<Need> {
+impl Need {
+    fn ifindex(self) -> u32 {
+        match self {
+            Self::Tcx(i) | Self::Filter { ifindex: i, .. } => i,
+        }
+    }
+}
+
+/// What `rules` need, on a kernel that has TCX or not.
+fn needs(rules: &[(u32, Rule)], tcx: bool) -> BTreeSet<Need> {
     rules
         .iter()
         .map(|(_, r)| match r.direction {
-            Direction::Ingress => Need::Ingress(r.ifindex),
-            Direction::Egress => Need::Egress {
+            Direction::Ingress if tcx => Need::Tcx(r.ifindex),
+            direction => Need::Filter {
                 ifindex: r.ifindex,
+                direction,
                 dev: r.dev,
             },
         })
@@ -159,6 +176,7 @@ impl Imq {
         Ok(Self {
             opts,
             nl: Netlink::new()?,
+            tcx: sys::has_tcx(),
         })
     }
 
@@ -247,7 +265,7 @@ impl Imq {
         compiled: &Compiled,
     ) -> Result<()> {
         let exists = |i: u32| links.iter().any(|l| l.index == i);
-        let (before, after) = (needs(old), needs(new));
+        let (before, after) = (needs(old, self.tcx), needs(new, self.tcx));
         let mut raised = Vec::new();
         let result = (|| {
             for &need in &after {
@@ -266,50 +284,29 @@ impl Imq {
             return Err(e);
         }
         for &need in before.difference(&after) {
-            let ifindex = match need {
-                Need::Ingress(i) | Need::Egress { ifindex: i, .. } => i,
-            };
-            self.lower(state, need, exists(ifindex))?;
+            self.lower(state, need, exists(need.ifindex()))?;
         }
         Ok(())
     }
 
-    /// Makes sure the hook can send packets: on ingress, the program is attached to
-    /// the interface, through TCX where the kernel has it and else as a direct-action
-    /// cls_bpf filter on clsact; on egress, the interface has a clsact qdisc and the
-    /// filter whose mirred action redirects to the device.
+    /// Makes sure the hook can send packets: the ingress program's TCX link is on
+    /// the interface, or the interface has a clsact qdisc and the hook's filter whose
+    /// mirred action redirects to the device.
     fn raise(&self, state: &mut State, links: &[Link], need: Need) -> Result<()> {
-        let link = |i: u32| {
-            links
-                .iter()
-                .find(|l| l.index == i)
-                .ok_or(Error::Netlink(format!("ifindex {i} is gone")))
-        };
+        let link = links
+            .iter()
+            .find(|l| l.index == need.ifindex())
+            .ok_or(Error::Netlink(format!("ifindex {} is gone", need.ifindex())))?;
         match need {
-            Need::Ingress(ifindex) => {
-                let link = link(ifindex)?;
-                if state.is_attached(Direction::Ingress, ifindex) {
-                    return Ok(());
-                }
-                let prog = state.program(Direction::Ingress)?;
-                let fd = prog.fd().map_err(|e| Error::bpf("program fd", e))?;
-                if sys::has_tcx(fd.as_fd()) {
-                    state.attach_ingress(&link.name, ifindex)
-                } else {
-                    self.nl.ensure_clsact(link.index, &link.name, Filter::Ingress)?;
-                    self.nl
-                        .replace_ingress_filter(link.index, fd.as_fd().as_raw_fd() as u32)
-                }
-            }
-            Need::Egress { ifindex, dev } => {
-                let link = link(ifindex)?;
+            Need::Tcx(ifindex) => state.attach_ingress(&link.name, ifindex),
+            Need::Filter { direction, dev, .. } => {
                 let dev_ifindex = state.device(dev.0)?.ifindex;
-                self.nl
-                    .ensure_clsact(link.index, &link.name, Filter::Egress { dev: dev.0 })?;
-                let prog = state.program(Direction::Egress)?;
+                self.nl.ensure_clsact(link.index, &link.name, direction)?;
+                let prog = state.program(state::Prog::classic(direction))?;
                 let fd = prog.fd().map_err(|e| Error::bpf("program fd", e))?;
-                let fd = fd.as_fd().as_raw_fd() as u32;
-                self.nl.replace_egress_filter(link.index, fd, dev.0, dev_ifindex)
+                let filter = Filter { direction, dev: dev.0 };
+                self.nl
+                    .replace_filter(link.index, filter, fd.as_fd().as_raw_fd() as u32, dev_ifindex)
             }
         }
     }
@@ -318,12 +315,13 @@ impl Imq {
     /// remove (the kernel dropped its links and filters with it).
     fn lower(&self, state: &mut State, need: Need, exists: bool) -> Result<()> {
         match need {
-            Need::Ingress(ifindex) if state.is_attached(Direction::Ingress, ifindex) => {
-                state.detach(Direction::Ingress, ifindex)
-            }
-            Need::Ingress(ifindex) if exists => self.nl.del_filter(ifindex, Filter::Ingress),
-            Need::Egress { ifindex, dev } if exists => self.nl.del_filter(ifindex, Filter::Egress { dev: dev.0 }),
-            Need::Ingress(_) | Need::Egress { .. } => Ok(()),
+            Need::Tcx(ifindex) => state.detach(Direction::Ingress, ifindex),
+            Need::Filter {
+                ifindex,
+                direction,
+                dev,
+            } if exists => self.nl.del_filter(ifindex, Filter { direction, dev: dev.0 }),
+            Need::Filter { .. } => Ok(()),
         }
     }
 
@@ -369,9 +367,9 @@ impl Imq {
         let links = self.nl.links()?;
         if added.is_empty() {
             // Repairs hooks whose program or filter was removed behind our back.
-            for need in needs(&old).into_iter().filter(|n| match n {
-                Need::Ingress(i) => *i == link.index,
-                Need::Egress { ifindex, dev } => *ifindex == link.index && *dev == req.dev,
+            for need in needs(&old, self.tcx).into_iter().filter(|n| match n {
+                Need::Tcx(i) => *i == link.index,
+                Need::Filter { ifindex, dev, .. } => *ifindex == link.index && *dev == req.dev,
             }) {
                 self.raise(&mut state, &links, need)?;
             }
@@ -526,9 +524,9 @@ impl Imq {
                         std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
                         std::collections::hash_map::Entry::Vacant(e) => e.insert(self.nl.filters(r.ifindex)?),
                     };
-                    let filter = match r.direction {
-                        Direction::Ingress => Filter::Ingress,
-                        Direction::Egress => Filter::Egress { dev: r.dev.0 },
+                    let filter = Filter {
+                        direction: r.direction,
+                        dev: r.dev.0,
                     };
                     if list.contains(&filter) { "clsact" } else { "" }
                 }
@@ -590,14 +588,14 @@ impl Imq {
             }
             None => (self.nl.add_ifb(&dev.to_string(), txqueuelen)?, true),
         };
-        // Rules that already name this device start using it now; egress filters are
+        // Rules that already name this device start using it now; their filters are
         // re-pointed at it (mirred forgets a device that was deleted).
         if let Some(mut state) = locked.open()? {
             state.set_device(dev.0, link.index, link.up)?;
             let links = self.nl.links()?;
             let rules = state.rules()?;
-            for need in needs(&Self::without_gone(&links, &rules)) {
-                if matches!(need, Need::Egress { dev: d, .. } if d == dev) {
+            for need in needs(&Self::without_gone(&links, &rules), self.tcx) {
+                if matches!(need, Need::Filter { dev: d, .. } if d == dev) {
                     self.raise(&mut state, &links, need)?;
                 }
             }
@@ -629,12 +627,15 @@ impl Imq {
         };
         let rules = state.rules()?;
         let links = self.nl.links()?;
-        for need in needs(&Self::without_gone(&links, &rules)) {
-            match need {
-                // TCX links go with the state's pins.
-                Need::Ingress(ifindex) if state.is_attached(Direction::Ingress, ifindex) => {}
-                Need::Ingress(ifindex) => self.nl.del_filter(ifindex, Filter::Ingress)?,
-                Need::Egress { ifindex, dev } => self.nl.del_filter(ifindex, Filter::Egress { dev: dev.0 })?,
+        for need in needs(&Self::without_gone(&links, &rules), self.tcx) {
+            // TCX links go with the state's pins.
+            if let Need::Filter {
+                ifindex,
+                direction,
+                dev,
+            } = need
+            {
+                self.nl.del_filter(ifindex, Filter { direction, dev: dev.0 })?;
             }
         }
         state.destroy()?;

@@ -15,14 +15,17 @@ use rtnetlink::{
         link::{LinkAttribute, LinkFlags, LinkInfo, LinkMessage},
         tc::{
             TcAction, TcActionAttribute, TcActionMirror, TcActionMirrorOption, TcActionOption, TcActionType,
-            TcAttribute, TcBpfFlags, TcFilterBpf, TcFilterBpfOption, TcHandle, TcHeader, TcMessage, TcMirror,
-            TcMirrorActionType, TcOption,
+            TcAttribute, TcFilterBpf, TcFilterBpfOption, TcHandle, TcHeader, TcMessage, TcMirror, TcMirrorActionType,
+            TcOption,
         },
     },
 };
 use tokio::runtime::Runtime;
 
-use crate::error::{Error, Result};
+use crate::{
+    error::{Error, Result},
+    rule::Direction,
+};
 
 /// What imq needs to know of a network interface.
 #[derive(Clone, Debug)]
@@ -188,46 +191,37 @@ impl Netlink {
 /// filters (tc numbers them from 49152 down) run first; IMQ likewise took packets at
 /// POSTROUTING after every table.
 pub const FILTER_PREF: u16 = 0xfff0;
-/// The classid major of imq's egress filters; the minor is the imq device number the
-/// filter's mirred action sends to (the program reads it from skb->tc_classid).
-const EGRESS_CLASSID_MAJOR: u16 = 0x1a0;
+/// The classid major of imq's filters; the minor is the imq device number the filter's
+/// mirred action sends to (the program reads it from skb->tc_classid).
+const FILTER_CLASSID_MAJOR: u16 = 0x1a0;
 const ETH_P_ALL: u16 = 0x0003;
 const TCA_BPF_ACT: u16 = 1;
 
-/// One of imq's cls_bpf filters on an interface's clsact (or ingress) qdisc.
+/// One of imq's cls_bpf filters on an interface's clsact (or ingress) qdisc: the
+/// filter of imq device `dev` on one hook, running the hook's program in classic mode
+/// with a mirred action to the device. (Ingress has them on kernels without TCX.)
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Filter {
-    /// Where the kernel has no TCX: the ingress program, in direct-action mode, one
-    /// filter for all the interface's ingress rules.
-    Ingress,
-    /// The egress filter of one imq device: the egress program in classic mode, with
-    /// a mirred action to the device.
-    Egress { dev: u32 },
+pub struct Filter {
+    pub direction: Direction,
+    pub dev: u32,
 }
 
 impl Filter {
-    fn parent(self) -> TcHandle {
+    fn parent(direction: Direction) -> TcHandle {
         TcHandle {
             major: TcHandle::CLSACT.major,
-            minor: match self {
-                Self::Ingress => TcHandle::MIN_INGRESS,
-                Self::Egress { .. } => TcHandle::MIN_EGRESS,
+            minor: match direction {
+                Direction::Ingress => TcHandle::MIN_INGRESS,
+                Direction::Egress => TcHandle::MIN_EGRESS,
             },
-        }
-    }
-
-    fn handle(self) -> u32 {
-        match self {
-            Self::Ingress => 1,
-            Self::Egress { dev } => dev + 1,
         }
     }
 
     fn header(self, ifindex: u32) -> TcHeader {
         TcHeader {
             index: ifindex as i32,
-            parent: self.parent(),
-            handle: TcHandle::from(self.handle()),
+            parent: Self::parent(self.direction),
+            handle: TcHandle::from(self.dev + 1),
             info: (u32::from(FILTER_PREF) << 16) | u32::from(ETH_P_ALL.to_be()),
             ..TcHeader::default()
         }
@@ -264,10 +258,10 @@ impl Netlink {
         })
     }
 
-    /// Makes sure the interface has the qdisc `filter` hangs on: clsact, added unless
-    /// there. An admin's `ingress` qdisc serves the ingress filter as well (its
-    /// filters share the ffff: block), but not the egress ones.
-    pub fn ensure_clsact(&self, ifindex: u32, ifname: &str, filter: Filter) -> Result<()> {
+    /// Makes sure the interface has the qdisc imq's filters of `direction` hang on:
+    /// clsact, added unless there. An admin's `ingress` qdisc serves the ingress
+    /// filters as well (its filters share the ffff: block), but not the egress ones.
+    pub fn ensure_clsact(&self, ifindex: u32, ifname: &str, direction: Direction) -> Result<()> {
         let mut msg = TcMessage::with_index(ifindex as i32);
         msg.header.handle = TcHandle {
             major: 0xffff,
@@ -280,9 +274,9 @@ impl Netlink {
             NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL,
         ) {
             Ok(_) => Ok(()),
-            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => match (self.ingress_qdisc(ifindex)?, filter) {
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => match (self.ingress_qdisc(ifindex)?, direction) {
                 (Some(kind), _) if kind == "clsact" => Ok(()),
-                (Some(kind), Filter::Ingress) if kind == "ingress" => Ok(()),
+                (Some(kind), Direction::Ingress) if kind == "ingress" => Ok(()),
                 _ => Err(Error::Netlink(format!(
                     "{ifname} has an ingress qdisc, not clsact: imq needs clsact for egress \
                      (tc qdisc del dev {ifname} ingress; tc qdisc add dev {ifname} clsact)"
@@ -308,24 +302,10 @@ impl Netlink {
             }))
     }
 
-    /// Installs (or replaces, atomically for the packets) imq's ingress filter:
-    /// cls_bpf running `prog_fd` in direct-action mode, where it redirects by itself.
-    pub fn replace_ingress_filter(&self, ifindex: u32, prog_fd: u32) -> Result<()> {
-        self.replace_filter(
-            ifindex,
-            Filter::Ingress,
-            vec![
-                TcOption::Bpf(TcFilterBpfOption::ProgFd(prog_fd)),
-                TcOption::Bpf(TcFilterBpfOption::ProgName("imq_ingress".into())),
-                TcOption::Bpf(TcFilterBpfOption::Flags(TcBpfFlags::DirectAction)),
-            ],
-        )
-    }
-
-    /// Installs (or replaces) the egress filter of imq device `dev` on an interface:
-    /// cls_bpf running `prog_fd` in classic mode, with `mirred egress redirect` to
-    /// `dev_ifindex`. Replacing also re-points mirred at a re-created device.
-    pub fn replace_egress_filter(&self, ifindex: u32, prog_fd: u32, dev: u32, dev_ifindex: u32) -> Result<()> {
+    /// Installs (or replaces) `filter` on an interface: cls_bpf running `prog_fd` in
+    /// classic mode, with `mirred egress redirect` to `dev_ifindex`. Replacing also
+    /// re-points mirred at a re-created device.
+    pub fn replace_filter(&self, ifindex: u32, filter: Filter, prog_fd: u32, dev_ifindex: u32) -> Result<()> {
         let mut mirred = TcMirror::default();
         mirred.generic.action = TcActionType::Stolen;
         mirred.eaction = TcMirrorActionType::EgressRedir;
@@ -340,26 +320,22 @@ impl Netlink {
         let actions = [action];
         let mut act_buf = vec![0u8; actions.as_slice().buffer_len()];
         actions.as_slice().emit(&mut act_buf);
-        self.replace_filter(
-            ifindex,
-            Filter::Egress { dev },
-            vec![
-                TcOption::Bpf(TcFilterBpfOption::ProgFd(prog_fd)),
-                TcOption::Bpf(TcFilterBpfOption::ProgName(format!("imq_egress:imq{dev}"))),
-                TcOption::Bpf(TcFilterBpfOption::ClassId(TcHandle {
-                    major: EGRESS_CLASSID_MAJOR,
-                    minor: dev as u16,
-                })),
-                TcOption::Bpf(TcFilterBpfOption::Other(DefaultNla::new(TCA_BPF_ACT, act_buf))),
-            ],
-        )
-    }
-
-    fn replace_filter(&self, ifindex: u32, filter: Filter, options: Vec<TcOption>) -> Result<()> {
+        let dev = filter.dev;
         let mut msg = TcMessage::with_index(ifindex as i32);
         msg.header = filter.header(ifindex);
         msg.attributes.push(TcAttribute::Kind(TcFilterBpf::KIND.into()));
-        msg.attributes.push(TcAttribute::Options(options));
+        msg.attributes.push(TcAttribute::Options(vec![
+            TcOption::Bpf(TcFilterBpfOption::ProgFd(prog_fd)),
+            TcOption::Bpf(TcFilterBpfOption::ProgName(format!(
+                "imq_{}:imq{dev}",
+                filter.direction
+            ))),
+            TcOption::Bpf(TcFilterBpfOption::ClassId(TcHandle {
+                major: FILTER_CLASSID_MAJOR,
+                minor: dev as u16,
+            })),
+            TcOption::Bpf(TcFilterBpfOption::Other(DefaultNla::new(TCA_BPF_ACT, act_buf))),
+        ]));
         self.tc_request(
             RouteNetlinkMessage::NewTrafficFilter(msg),
             NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE,
@@ -383,12 +359,9 @@ impl Netlink {
     /// imq's filters on the interface.
     pub fn filters(&self, ifindex: u32) -> Result<Vec<Filter>> {
         let mut found = Vec::new();
-        for (parent, ingress) in [
-            (Filter::Ingress.parent(), true),
-            (Filter::Egress { dev: 0 }.parent(), false),
-        ] {
+        for direction in [Direction::Ingress, Direction::Egress] {
             let mut msg = TcMessage::with_index(ifindex as i32);
-            msg.header.parent = parent;
+            msg.header.parent = Filter::parent(direction);
             let filters = match self.tc_request(RouteNetlinkMessage::GetTrafficFilter(msg), NLM_F_REQUEST | NLM_F_DUMP)
             {
                 Ok(f) => f,
@@ -405,9 +378,9 @@ impl Netlink {
                             .iter()
                             .any(|a| matches!(a, TcAttribute::Kind(k) if k == TcFilterBpf::KIND))
                     })
-                    .map(|f| match (ingress, u32::from(f.header.handle)) {
-                        (true, _) => Filter::Ingress,
-                        (false, h) => Filter::Egress { dev: h - 1 },
+                    .map(|f| Filter {
+                        direction,
+                        dev: u32::from(f.header.handle) - 1,
                     }),
             );
         }

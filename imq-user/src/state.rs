@@ -2,12 +2,15 @@
 //!
 //! ```text
 //! <bpffs>/imq/                      lock for every imqctl on the host
-//! <bpffs>/imq/net-<cookie>/         one network namespace (SO_NETNS_COOKIE)
+//! <bpffs>/imq/net-<cookie>/         one network namespace (SO_NETNS_COOKIE;
+//!                                   net-inode-<n> on kernels without it)
 //!     layout-2                              the layout of what is below
 //!     imq_rules imq_active imq_hooks imq_entries imq_devices imq_counters
 //!                                           maps (see imq-common)
-//!     prog_ingress prog_egress              the loaded TC programs
+//!     prog_ingress prog_ingress_cls prog_egress
+//!                                           the TC programs (each once used)
 //!     link_ingress_<ifindex>                TCX link of one interface
+//!     link_netdev_event                     the device hook, where tracing works
 //! ```
 
 use std::{
@@ -28,7 +31,8 @@ use aya::{
 };
 use imq_common::{
     ACTIVE_MAP, COUNTERS_MAP, Counters, DEVICE_DOWN, DEVICES_MAP, Device, EGRESS_PROG, ENTRIES_MAP, EntryKey,
-    HOOKS_MAP, Hook, HookKey, IFINDEXES_MAP, INGRESS_PROG, NETDEV_EVENT_PROG, RULES_MAP, RuleKey, RuleSpec, Target,
+    HOOKS_MAP, Hook, HookKey, IFINDEXES_MAP, INGRESS_CLS_PROG, INGRESS_PROG, NETDEV_EVENT_PROG, RULES_MAP, RuleKey,
+    RuleSpec, Target,
 };
 
 use crate::{
@@ -44,8 +48,35 @@ pub(crate) struct State {
     _lock: sys::Lock,
 }
 
-const PROG_INGRESS: &str = "prog_ingress";
-const PROG_EGRESS: &str = "prog_egress";
+/// The TC programs, each loaded and pinned on first use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Prog {
+    /// Ingress through a TCX link, redirecting by itself.
+    IngressTcx,
+    /// Ingress as a classic cls_bpf filter with mirred (kernels without TCX).
+    IngressClassic,
+    /// Egress as a classic cls_bpf filter with mirred.
+    Egress,
+}
+
+impl Prog {
+    /// The program of a classic filter on `direction`.
+    pub fn classic(direction: Direction) -> Self {
+        match direction {
+            Direction::Ingress => Self::IngressClassic,
+            Direction::Egress => Self::Egress,
+        }
+    }
+
+    /// (name in the object, pin name)
+    fn names(self) -> (&'static str, &'static str) {
+        match self {
+            Self::IngressTcx => (INGRESS_PROG, "prog_ingress"),
+            Self::IngressClassic => (INGRESS_CLS_PROG, "prog_ingress_cls"),
+            Self::Egress => (EGRESS_PROG, "prog_egress"),
+        }
+    }
+}
 const LINK_NETDEV_EVENT: &str = "link_netdev_event";
 /// A directory that names the layout of the pinned maps (bpffs holds no regular files).
 const LAYOUT: &str = "layout-2";
@@ -496,12 +527,10 @@ impl State {
             .map_err(|e| Error::bpf("write device table", e))
     }
 
-    /// The pinned program of a direction, loaded and pinned on first use.
-    pub fn program(&mut self, direction: Direction) -> Result<SchedClassifier> {
-        let (name, pin) = match direction {
-            Direction::Ingress => (INGRESS_PROG, self.dir.join(PROG_INGRESS)),
-            Direction::Egress => (EGRESS_PROG, self.dir.join(PROG_EGRESS)),
-        };
+    /// A pinned program, loaded and pinned on first use.
+    pub fn program(&mut self, which: Prog) -> Result<SchedClassifier> {
+        let (name, pin) = which.names();
+        let pin = self.dir.join(pin);
         if !pin.exists() {
             let prog: &mut SchedClassifier = self
                 .ebpf
@@ -520,14 +549,14 @@ impl State {
     }
 
     /// Attaches the ingress program to the interface's TCX ingress hook (after the
-    /// programs already there) and pins the link, unless that was done before. (Egress
-    /// goes through cls_bpf + mirred, see imq_egress, not a TCX link.)
+    /// programs already there) and pins the link, unless that was done before. (Egress,
+    /// and ingress without TCX, go through cls_bpf + mirred filters instead.)
     pub fn attach_ingress(&mut self, ifname: &str, ifindex: u32) -> Result<()> {
         let direction = Direction::Ingress;
         if self.is_attached(direction, ifindex) {
             return Ok(());
         }
-        let mut prog = self.program(direction)?;
+        let mut prog = self.program(Prog::IngressTcx)?;
         let id = prog
             .attach_with_options(
                 ifname,

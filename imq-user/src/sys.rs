@@ -100,34 +100,21 @@ pub fn netns_id() -> Result<NetnsId> {
     Ok(NetnsId::Inode(ns.ino()))
 }
 
-/// Whether the kernel has TCX (BPF links on the TC hooks, Linux 6.6). Asked of the
-/// kernel itself: a BPF_LINK_CREATE of `prog` (a loaded SCHED_CLS program) for TCX
-/// ingress on ifindex 0 fails with ENODEV where TCX exists (no such device) and with
-/// EINVAL where the attach type is unknown. Nothing is attached either way.
-pub fn has_tcx(prog: std::os::fd::BorrowedFd<'_>) -> bool {
-    const BPF_LINK_CREATE: libc::c_long = 28;
+/// Whether the kernel has TCX (BPF links on the TC hooks, Linux 6.6), asked of the
+/// kernel itself: a BPF_PROG_QUERY of the TCX ingress hook of `lo` (ifindex 1 in every
+/// namespace) succeeds where TCX exists and fails with EINVAL where the attach type is
+/// unknown. It only reads.
+pub fn has_tcx() -> bool {
+    const BPF_PROG_QUERY: libc::c_long = 16;
     const BPF_TCX_INGRESS: u64 = 46;
-    // union bpf_attr, BPF_LINK_CREATE: prog_fd, target_ifindex, attach_type, flags
-    // (u32 each).
+    const LOOPBACK_IFINDEX: u64 = 1;
+    // union bpf_attr, BPF_PROG_QUERY: target_ifindex, attach_type, query_flags,
+    // attach_flags (u32 each), prog_ids (pointer; none), prog_cnt (u32; 0).
     let mut attr = [0u64; 16];
-    attr[0] = prog.as_raw_fd() as u64;
-    attr[1] = BPF_TCX_INGRESS;
+    attr[0] = LOOPBACK_IFINDEX | (BPF_TCX_INGRESS << 32);
     // SAFETY: attr is a zeroed union bpf_attr of the size passed.
-    let ret = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_LINK_CREATE,
-            attr.as_mut_ptr(),
-            size_of::<[u64; 16]>(),
-        )
-    };
-    if ret >= 0 {
-        // Cannot happen with ifindex 0; never leak a link if it does.
-        // SAFETY: the syscall returned a new descriptor nothing else owns.
-        drop(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(ret as i32) });
-        return true;
-    }
-    io::Error::last_os_error().raw_os_error() == Some(libc::ENODEV)
+    let ret = unsafe { libc::syscall(libc::SYS_bpf, BPF_PROG_QUERY, attr.as_mut_ptr(), size_of::<[u64; 16]>()) };
+    ret == 0
 }
 
 pub fn is_bpffs(path: &Path) -> bool {

@@ -352,7 +352,21 @@ pub fn tcp_goodput(client: &NetNs, server: &NetNs, server_addr: SocketAddr, load
             set_sockopt(&listener, libc::SO_RCVBUF, size as libc::c_int)?;
         }
         ready_tx.send(listener.local_addr()?)?;
-        let (mut conn, _) = listener.accept()?;
+        // A blackholed path must fail the measurement, not hang it: the sender gives
+        // up connecting after 5 s, and so does the receiver waiting for it.
+        listener.set_nonblocking(true)?;
+        let accept_until = Instant::now() + Duration::from_secs(8);
+        let mut conn = loop {
+            match listener.accept() {
+                Ok((conn, _)) => break conn,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock && Instant::now() < accept_until => {
+                    thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => bail!("no connection arrived in 8 s"),
+                Err(e) => return Err(e).context("accept"),
+            }
+        };
+        conn.set_nonblocking(false)?;
         conn.set_read_timeout(Some(Duration::from_secs(5)))?;
         let mut buf = vec![0u8; 256 << 10];
         let mut first = None;
