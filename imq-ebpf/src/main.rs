@@ -118,13 +118,18 @@ pub fn imq_ingress_cls(ctx: TcContext) -> i32 {
 pub fn imq_egress(ctx: TcContext) -> i32 {
     // SAFETY: ctx.skb.skb is the context pointer the kernel gave this program.
     let came_from = unsafe { (*ctx.skb.skb).ingress_ifindex };
-    // ifb re-injects with dev_queue_xmit and skb_iif set to itself, and classifiers
-    // run again (only actions honour tc_skip_classify). A packet any imq device
+    // ifb re-injects with dev_queue_xmit, skb_iif set to itself and
+    // skb->tc_skip_classify set, and classifiers run again. A packet any imq device
     // re-injected is never selected again: not by this device's filter, and not by
-    // another's, which a rule's --set-mark may have made it match. Checked first, so
-    // the second pass costs one lookup, not a classification.
+    // another's, which a rule's --set-mark may have made it match. It is answered
+    // "match" all the same, without counting or acting: the filter's actions then run,
+    // and tcf_action_exec, seeing tc_skip_classify, clears it and lets the packet go
+    // on (TC_ACT_OK) without running mirred. Answered "no match", the flag would leave
+    // with the packet, and a veth peer would skip its TC ingress for it: its own imq,
+    // tc filters and TCX programs (__netif_receive_skb_core). Checked first, so the
+    // second pass costs one lookup, not a classification.
     if is_imq_device(came_from) {
-        return CLS_NO_MATCH;
+        return CLS_MATCH;
     }
     classic(&ctx, DIRECTION_EGRESS)
 }

@@ -183,7 +183,19 @@ fn global_limit_over_two_interfaces_in_mixed_directions() {
         ],
     )
     .unwrap();
-    r.imqctl_ok(&["attach", "r0", "--direction", "ingress", "--dev", "imq0"]);
+    // One 30mbit HTB class over both, each client with a 15mbit share of it that may
+    // borrow up to all 30: a FIFO alone would let one TCP flow starve the other on a
+    // slow machine (1.7 against 27 Mbit/s seen under qemu), which says nothing of imq.
+    r.imqctl_ok(&[
+        "attach",
+        "r0",
+        "--direction",
+        "ingress",
+        "--dev",
+        "imq0",
+        "--classid",
+        "1:10",
+    ]);
     r.imqctl_ok(&[
         "attach",
         "rs",
@@ -193,16 +205,29 @@ fn global_limit_over_two_interfaces_in_mixed_directions() {
         "0x2",
         "--dev",
         "imq0",
+        "--classid",
+        "1:20",
     ]);
-    tbf(r, "imq0", 30);
+    r.tc(&["qdisc", "replace", "dev", "imq0", "root", "handle", "1:", "htb"])
+        .unwrap();
+    r.tc(&[
+        "class", "add", "dev", "imq0", "parent", "1:", "classid", "1:1", "htb", "rate", "30mbit",
+    ])
+    .unwrap();
+    for class in ["1:10", "1:20"] {
+        r.tc(&[
+            "class", "add", "dev", "imq0", "parent", "1:1", "classid", class, "htb", "rate", "15mbit", "ceil", "30mbit",
+        ])
+        .unwrap();
+    }
 
     let port = |k: usize| format!("{}:{}", Routed::SERVER_V4, 5301 + k).parse().unwrap();
     let rates = concurrent_tcp_goodput(&net.clients, &net.server, port, Load::default()).expect("traffic");
     let sum: f64 = rates.iter().map(Goodput::mbit_per_s).sum();
-    eprintln!("two flows through one TBF 30mbit: {sum:.2} Mbit/s in all ({rates:?})");
+    eprintln!("two flows through one HTB 30mbit: {sum:.2} Mbit/s in all ({rates:?})");
     assert!(
         (25.5..=31.5).contains(&sum),
-        "sum of both flows through TBF 30mbit: {sum:.2} Mbit/s ({rates:?})"
+        "sum of both flows through HTB 30mbit: {sum:.2} Mbit/s ({rates:?})"
     );
     for (k, g) in rates.iter().enumerate() {
         assert!(g.mbit_per_s() > sum * 0.2, "client {k} starved: {g} of {sum:.2} Mbit/s");
