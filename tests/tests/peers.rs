@@ -1,0 +1,139 @@
+//! What imq shapes on egress reaches the receiver as any packet would: a veth peer
+//! (containers) or the next hop of a router runs its own TC ingress on it — its imq,
+//! an admin's classic tc filter — and the sender queues each packet exactly once,
+//! with one imq device or several.
+
+use imq_tests::{
+    NetNs, Pair, Routed,
+    check::{assert_rate, dev_rx, goodput, rule_counters, show, tbf},
+    require_root,
+};
+
+/// The peer's own shaping of what arrives on `dev`: imq (tbf 10mbit on its imq0), or
+/// the admin's classic setup (u32 + mirred to their own ifb, tbf 15mbit there).
+#[derive(Clone, Copy, Debug)]
+enum PeerShaper {
+    Imq,
+    Classic,
+}
+
+impl PeerShaper {
+    fn install(self, ns: &NetNs, dev: &str) -> f64 {
+        match self {
+            Self::Imq => {
+                ns.imqctl_ok(&["attach", dev]);
+                tbf(ns, "imq0", 10);
+                9.6
+            }
+            Self::Classic => {
+                ns.ip(&["link", "add", "ifbx", "type", "ifb"]).unwrap();
+                ns.ip(&["link", "set", "ifbx", "up"]).unwrap();
+                tbf(ns, "ifbx", 15);
+                ns.tc(&["qdisc", "add", "dev", dev, "ingress"]).unwrap();
+                ns.tc(&[
+                    "filter", "add", "dev", dev, "parent", "ffff:", "protocol", "all", "u32", "match", "u32", "0", "0",
+                    "action", "mirred", "egress", "redirect", "dev", "ifbx",
+                ])
+                .unwrap();
+                14.4
+            }
+        }
+    }
+}
+
+/// Client — server over veth: the client shapes its egress through imq (40mbit, more
+/// than the server allows), the server shapes its ingress with its own imq or a
+/// classic filter; the server's limit is what arrives, IPv4 and IPv6.
+#[test]
+fn a_veth_peer_shapes_what_imq_shaped_on_egress() {
+    require_root();
+    for peer in [PeerShaper::Imq, PeerShaper::Classic] {
+        let pair = Pair::new("peer").unwrap();
+        let (c, s) = (&pair.client, &pair.server);
+        c.imqctl_ok(&["attach", "c0", "--direction", "egress"]);
+        tbf(c, "imq0", 40);
+        let rate = peer.install(s, "s0");
+        assert_rate(
+            goodput(c, s, &pair.server_v4(), 5201),
+            rate,
+            0.15,
+            &format!("{peer:?}, IPv4"),
+        );
+        assert_rate(
+            goodput(c, s, &pair.server_v6(), 5202),
+            rate,
+            0.15,
+            &format!("{peer:?}, IPv6"),
+        );
+        if let PeerShaper::Imq = peer {
+            let status = show(s);
+            assert!(rule_counters(&status).0 > 1000, "the peer's imq saw nothing: {status}");
+        }
+    }
+}
+
+/// Client — router — server: the router shapes what it forwards to the server on its
+/// egress (imq0, 40mbit); the server's own imq on its ingress (10mbit) still applies.
+#[test]
+fn the_next_hop_shapes_what_a_router_shaped_on_egress() {
+    require_root();
+    let net = Routed::new("hop", 1).unwrap();
+    let (c, r, s) = (&net.clients[0], &net.router, &net.server);
+    r.imqctl_ok(&["attach", "rs", "--direction", "egress"]);
+    tbf(r, "imq0", 40);
+    let rate = PeerShaper::Imq.install(s, "s0");
+    assert_rate(goodput(c, s, Routed::SERVER_V4, 5201), rate, 0.15, "forwarded IPv4");
+    assert_rate(goodput(c, s, Routed::SERVER_V6, 5202), rate, 0.15, "forwarded IPv6");
+    assert!(rule_counters(&show(r)).0 > 1000, "the router's imq saw nothing");
+}
+
+/// Two imq devices on one egress, told apart by port: each packet is queued once, in
+/// its own device (rule counters equal what each device received, through FIFOs that
+/// neither drop nor segment), and the peer's imq sees both flows.
+#[test]
+fn each_packet_is_queued_once_with_several_devices() {
+    require_root();
+    let pair = Pair::new("once").unwrap();
+    let (c, s) = (&pair.client, &pair.server);
+    c.imqctl_ok(&[
+        "attach", "c0", "-d", "egress", "--proto", "tcp", "--dport", "5201", "--dev", "imq0",
+    ]);
+    c.imqctl_ok(&["attach", "c0", "-d", "egress", "--dev", "imq1"]);
+    for dev in ["imq0", "imq1"] {
+        c.tc(&["qdisc", "replace", "dev", dev, "root", "pfifo", "limit", "100000"])
+            .unwrap();
+    }
+    s.imqctl_ok(&["attach", "s0"]);
+    s.tc(&["qdisc", "replace", "dev", "imq0", "root", "pfifo", "limit", "100000"])
+        .unwrap();
+    goodput(c, s, &pair.server_v4(), 5201);
+    goodput(c, s, &pair.server_v4(), 5202);
+
+    let status = show(c);
+    let counted = |dev: &str| {
+        status["rules"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| r["dev"] == dev)
+            .fold((0, 0), |(p, b), r| {
+                (p + r["packets"].as_u64().unwrap(), b + r["bytes"].as_u64().unwrap())
+            })
+    };
+    for dev in ["imq0", "imq1"] {
+        assert!(counted(dev).0 > 1000, "{dev}: {status}");
+        assert_eq!(
+            counted(dev),
+            dev_rx(c, dev),
+            "{dev}: rule counters vs what it received: {status}"
+        );
+    }
+    // The peer's ingress imq saw what both devices queued. Compared in bytes, at 90%:
+    // a peer that merges packets (GRO) counts fewer packets and fewer headers.
+    let peer = rule_counters(&show(s)).1;
+    let sent = counted("imq0").1 + counted("imq1").1;
+    assert!(
+        peer as f64 >= 0.9 * sent as f64,
+        "the peer's imq counted {peer} bytes of the {sent} the client queued"
+    );
+}
