@@ -8,6 +8,13 @@ use imq_tests::{
     ping_rtt_ms, require_root,
 };
 
+/// cake with `options` as imq0's root qdisc.
+fn cake(ns: &NetNs, options: &[&str]) {
+    let mut args = vec!["qdisc", "replace", "dev", "imq0", "root", "cake"];
+    args.extend_from_slice(options);
+    ns.tc(&args).unwrap();
+}
+
 fn fq_codel_shaper(ns: &NetNs, dev: &str, rate: &str) {
     ns.tc(&[
         "qdisc", "replace", "dev", dev, "root", "handle", "1:", "htb", "default", "10",
@@ -33,23 +40,11 @@ fn cake_and_fq_codel_shape_ingress_and_egress() {
     c.imqctl_ok(&["attach", "c0", "--direction", "egress"]);
     let server = pair.server_v4();
 
-    s.tc(&[
-        "qdisc",
-        "replace",
-        "dev",
-        "imq0",
-        "root",
-        "cake",
-        "bandwidth",
-        "10mbit",
-        "ingress",
-    ])
-    .unwrap();
+    cake(s, &["bandwidth", "10mbit", "ingress"]);
     assert_rate(goodput(c, s, &server, 5201), 9.5, 0.15, "ingress, cake 10mbit");
     s.tc(&["qdisc", "del", "dev", "imq0", "root"]).unwrap();
 
-    c.tc(&["qdisc", "replace", "dev", "imq0", "root", "cake", "bandwidth", "20mbit"])
-        .unwrap();
+    cake(c, &["bandwidth", "20mbit"]);
     assert_rate(goodput(c, s, &server, 5202), 19.0, 0.15, "egress, cake 20mbit");
     assert!(
         c.tc(&["-s", "qdisc", "show", "dev", "imq0"]).unwrap().contains("cake"),
@@ -92,18 +87,7 @@ fn netem_delay_on_the_path_with_cake_on_imq() {
     assert!((40.0..60.0).contains(&idle), "netem 2 x 20 ms: idle RTT {idle:.1} ms");
 
     s.imqctl_ok(&["attach", "s0"]);
-    s.tc(&[
-        "qdisc",
-        "replace",
-        "dev",
-        "imq0",
-        "root",
-        "cake",
-        "bandwidth",
-        "10mbit",
-        "ingress",
-    ])
-    .unwrap();
+    cake(s, &["bandwidth", "10mbit", "ingress"]);
     let through_imq = ping_rtt_ms(c, &server, 10);
     assert!(
         (through_imq - idle).abs() < 10.0,
