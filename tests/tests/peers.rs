@@ -73,18 +73,31 @@ fn a_veth_peer_shapes_what_imq_shaped_on_egress() {
 }
 
 /// Client — router — server: the router shapes what it forwards to the server on its
-/// egress (imq0, 40mbit); the server's own imq on its ingress (10mbit) still applies.
+/// egress (imq0, 40mbit); the server's own shaping of its ingress (its imq at 10mbit,
+/// or a classic filter to its own ifb at 15mbit) still applies.
 #[test]
 fn the_next_hop_shapes_what_a_router_shaped_on_egress() {
     require_root();
-    let net = Routed::new("hop", 1).unwrap();
-    let (c, r, s) = (&net.clients[0], &net.router, &net.server);
-    r.imqctl_ok(&["attach", "rs", "--direction", "egress"]);
-    tbf(r, "imq0", 40);
-    let rate = PeerShaper::Imq.install(s, "s0");
-    assert_rate(goodput(c, s, Routed::SERVER_V4, 5201), rate, 0.15, "forwarded IPv4");
-    assert_rate(goodput(c, s, Routed::SERVER_V6, 5202), rate, 0.15, "forwarded IPv6");
-    assert!(rule_counters(&show(r)).0 > 1000, "the router's imq saw nothing");
+    for peer in [PeerShaper::Imq, PeerShaper::Classic] {
+        let net = Routed::new("hop", 1).unwrap();
+        let (c, r, s) = (&net.clients[0], &net.router, &net.server);
+        r.imqctl_ok(&["attach", "rs", "--direction", "egress"]);
+        tbf(r, "imq0", 40);
+        let rate = peer.install(s, "s0");
+        assert_rate(
+            goodput(c, s, Routed::SERVER_V4, 5201),
+            rate,
+            0.15,
+            &format!("{peer:?}, forwarded IPv4"),
+        );
+        assert_rate(
+            goodput(c, s, Routed::SERVER_V6, 5202),
+            rate,
+            0.15,
+            &format!("{peer:?}, forwarded IPv6"),
+        );
+        assert!(rule_counters(&show(r)).0 > 1000, "the router's imq saw nothing");
+    }
 }
 
 /// Two imq devices on one egress, told apart by port: each packet is queued once, in
