@@ -490,7 +490,8 @@ fn libs_for(tree: &Tree, p: &Path) -> Result<()> {
 }
 
 /// The guest's init: mounts, runs each test binary (ignored tests too: those that
-/// need what only these kernels have), reports, powers off.
+/// need what only these kernels have; with their output, so that the log holds every
+/// rate measured on each kernel), reports, powers off.
 fn init_script(tests: &[String], filter: Option<&str>) -> String {
     let filter = filter
         .map(|f| format!(" '{}'", f.replace('\'', "")))
@@ -516,7 +517,7 @@ ip link set lo up
     s.push_str("cd /tmp\n");
     for t in tests {
         s.push_str(&format!(
-            "echo \"IMQ-VM-RUN {t}\"\nIMQCTL=/imq/imqctl RUST_BACKTRACE=1 /imq/tests/{t} --test-threads=1 --include-ignored{filter}\necho \"IMQ-VM-EXIT {t} $?\"\n"
+            "echo \"IMQ-VM-RUN {t}\"\nIMQCTL=/imq/imqctl RUST_BACKTRACE=1 /imq/tests/{t} --test-threads=1 --include-ignored --nocapture{filter}\necho \"IMQ-VM-EXIT {t} $?\"\n"
         ));
     }
     s.push_str(&format!("echo {DONE}\nbusybox poweroff -f\n"));
