@@ -59,10 +59,6 @@ const GUEST_TOOLS: &[&str] = &[
     "sysctl",
     "kmod",
     "modprobe",
-    "mount",
-    "timeout",
-    "cat",
-    "sleep",
     "uname",
 ];
 
