@@ -77,6 +77,7 @@ impl Prog {
         }
     }
 }
+
 const LINK_NETDEV_EVENT: &str = "link_netdev_event";
 /// A directory that names the layout of the pinned maps (bpffs holds no regular files).
 const LAYOUT: &str = "layout-2";
