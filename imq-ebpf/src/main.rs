@@ -100,8 +100,8 @@ pub fn imq_ingress(ctx: TcContext) -> i32 {
 
 /// Ingress classifier for kernels without TCX, run by cls_bpf in classic mode with an
 /// `act_mirred egress redirect` to one imq device, as [`imq_egress`] is. Not
-/// bpf_redirect from a direct-action filter: before Linux 6.x that leaves
-/// skb->redirected unset, and ifb drops what it did not see redirected (ifb_xmit;
+/// bpf_redirect from a direct-action filter: on 5.10 that leaves skb->redirected
+/// unset (__bpf_tx_skb), and ifb drops what it did not see redirected (ifb_xmit;
 /// seen on Debian 11's 5.10: every packet counted in imq0's RX dropped). mirred sets
 /// it (skb_set_redirected), and this is the classic ifb ingress setup.
 #[classifier]
