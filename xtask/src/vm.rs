@@ -441,9 +441,9 @@ fn build_base(dir: &Path, binaries: &[(String, PathBuf)], filter: Option<&str>, 
     for tool in GUEST_TOOLS {
         tree.program(&which(tool)?, &mut libs)?;
     }
-    // busybox only for what has no other source here (mount's helpers, poweroff), and
+    // busybox only for what the init script needs (mount, mkdir, poweroff), and
     // always called as `busybox X`: as a link it would shadow the real tools.
-    tree.copy(&which("busybox")?)?;
+    tree.program(&which("busybox")?, &mut libs)?;
     // iptables loads its matches and targets as plugins.
     let xtables = Path::new("/usr/lib/x86_64-linux-gnu/xtables");
     if xtables.is_dir() {
