@@ -75,6 +75,14 @@ pub enum Error {
     NotIfb { name: String, kind: String },
     #[error("{0} is not on a bpffs and none can be mounted there")]
     NotBpffs(PathBuf),
+    #[error("{0}")]
+    BadShaper(String),
+    #[error("this kernel has no {kind} qdisc (sch_{kind}){available}")]
+    NoQdisc { kind: String, available: String },
+    #[error("{0}")]
+    QdiscInUse(String),
+    #[error("no shaper on {0}")]
+    NoSuchShaper(String),
     #[error("netlink: {0}")]
     Netlink(String),
     #[error("bpf: {0}")]

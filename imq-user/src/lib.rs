@@ -10,6 +10,8 @@ pub mod error;
 pub mod netlink;
 pub mod rule;
 pub mod rulefile;
+pub mod shaper;
+mod shaping;
 mod state;
 mod sys;
 
@@ -31,7 +33,7 @@ use crate::{
     compile::{Compiled, compile},
     netlink::{Filter, Link, Netlink},
     rule::{Actions, DevName, Direction, Directions, Insert, Match, NewRule, Rule, Selector},
-    rulefile::FileRule,
+    shaper::{QdiscStats, Shaper},
     state::State,
 };
 
@@ -80,6 +82,18 @@ pub struct DeviceStatus {
     /// `imqctl dev add`).
     pub state: &'static str,
     pub txqueuelen: u32,
+    /// Its qdiscs with their counters, root first: what shapes its traffic.
+    pub qdiscs: Vec<QdiscStats>,
+}
+
+/// One WAN shaper, as `show` reports it: its settings, and the counters of its
+/// upload qdisc (the download's are its imq device's).
+#[derive(Clone, Debug, Serialize)]
+pub struct ShaperStatus {
+    #[serde(flatten)]
+    pub shaper: Shaper,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upload: Option<QdiscStats>,
 }
 
 /// One rule, as `show` reports it.
@@ -108,6 +122,7 @@ pub struct RuleStatus {
 pub struct Status {
     pub devices: Vec<DeviceStatus>,
     pub rules: Vec<RuleStatus>,
+    pub shapers: Vec<ShaperStatus>,
     /// Whether imq follows its devices going down and up by itself. Without it, after
     /// `ip link set imqN down` run `imqctl dev add imqN` so that imq passes that
     /// device's traffic instead of sending it into a device that drops it.
@@ -425,79 +440,64 @@ impl Imq {
         Ok(removed)
     }
 
-    /// Replaces every rule of this namespace with `rules` (from [`rulefile::parse`]),
-    /// as one change. Rules that stay the same keep their counters. Imq devices the
-    /// rules name are created if missing. Returns (rules before, rules after).
-    pub fn apply(&mut self, rules: &[FileRule]) -> Result<(usize, usize)> {
+    /// Replaces every rule and shaper of this namespace with those of a rule file
+    /// ([`rulefile::parse`]), as one change. Rules that stay the same keep their
+    /// counters. Imq devices the rules name are created if missing. Returns (rules
+    /// before, rules after), shapers' rules included.
+    pub fn apply(&mut self, setup: &rulefile::Setup) -> Result<(usize, usize)> {
         let links = self.nl.links()?;
-        let wanted = rulefile::plan(rules, |name| {
+        let index = |name: &str| {
             let link = links
                 .iter()
                 .find(|l| l.name == name)
                 .ok_or_else(|| Error::NoSuchInterface(name.to_owned()))?;
             check_source(link)?;
             Ok(link.index)
-        })?;
+        };
+        let wanted = rulefile::plan(&setup.rules, index)?;
+        for (line, s) in &setup.shapers {
+            index(&s.interface).map_err(|e| Error::RuleFile {
+                line: *line,
+                message: e.to_string(),
+            })?;
+        }
         if wanted.len() > MAX_RULES as usize {
             return Err(Error::TooManyRules(MAX_RULES));
         }
-        let mut devs: Vec<DevName> = wanted.iter().map(|r| r.dev).collect();
-        devs.sort_unstable();
-        devs.dedup();
-
         let locked = State::lock(self.bpffs())?;
-        let devs = devs
-            .into_iter()
-            .map(|d| Ok((d, self.existing_dev(d)?)))
-            .collect::<Result<Vec<_>>>()?;
         let mut state = locked.open_or_create()?;
         let old = state.rules()?;
-        // A rule that is already there, the same in every respect, keeps its id and
-        // so its counters.
-        let old_ids: HashMap<Rule, u32> = old.iter().map(|(id, r)| (*r, *id)).collect();
-        let mut new: Vec<(u32, Rule)> = Vec::with_capacity(wanted.len());
-        let mut fresh = Vec::new();
-        for r in wanted {
-            match old_ids.get(&r) {
-                Some(id) => new.push((*id, r)),
-                None => fresh.push(r),
-            }
-        }
-        let mut taken = old.clone();
-        taken.extend(new.iter().copied());
-        let ids = free_ids(&taken, fresh.len())?;
-        new.extend(ids.into_iter().zip(fresh));
-        let compiled = self.compile(&links, &new)?;
-
-        let created = self.ensure_devs(&mut state, &devs)?;
-        let links = if created.is_empty() { links } else { self.nl.links()? };
-        if let Err(e) = self.transition(&mut state, &links, &old, &new, &compiled) {
-            for index in created {
-                let _ = self.nl.del_link(index);
-            }
-            return Err(e);
-        }
-        Ok((old.len(), new.len()))
+        let found = self.find_shapers(&links, &self.all_qdiscs()?, &old)?;
+        let shapers: Vec<Shaper> = setup.shapers.iter().map(|(_, s)| s.clone()).collect();
+        self.converge(&mut state, &links, &old, &found, wanted, &shapers)
     }
 
-    /// Every rule, in the rule file format of `apply`.
+    /// Every rule and shaper, in the rule file format of `apply`.
     pub fn export(&mut self) -> Result<String> {
         let links = self.nl.links()?;
-        let mut rules = match State::open(self.bpffs())? {
+        let rules = match State::open(self.bpffs())? {
             Some(mut state) => state.rules()?,
             None => Vec::new(),
         };
-        rules.sort_by_key(|(_, r)| (r.ifindex, r.direction, r.prio));
-        let named: Vec<(String, Rule)> = rules
+        let found = self.find_shapers(&links, &self.all_qdiscs()?, &rules)?;
+        let (mut base, shapers) = Self::split(&links, &rules, &found);
+        base.sort_by_key(|r| (r.ifindex, r.direction, r.prio));
+        let named: Vec<(String, Rule)> = base
             .into_iter()
-            .filter_map(|(_, r)| Some((links.iter().find(|l| l.index == r.ifindex)?.name.clone(), r)))
+            .filter_map(|r| Some((links.iter().find(|l| l.index == r.ifindex)?.name.clone(), r)))
             .collect();
-        Ok(rulefile::render(&named))
+        Ok(rulefile::render(&named, &shapers))
     }
 
     pub fn show(&mut self) -> Result<Status> {
         let links = self.nl.links()?;
+        let qdiscs = self.all_qdiscs()?;
         let by_index = |i: u32| links.iter().find(|l| l.index == i);
+        let stats_of = |i: u32| {
+            let mut list: Vec<&netlink::Qdisc> = qdiscs.get(&i).map(|v| v.iter().collect()).unwrap_or_default();
+            list.sort_by_key(|q| (q.parent != netlink::TC_H_ROOT, q.handle));
+            list.into_iter().map(|q| q.stats.clone()).collect::<Vec<_>>()
+        };
         let mut status = Status::default();
         for l in links.iter().filter(|l| l.is_ifb() && l.name.parse::<DevName>().is_ok()) {
             status.devices.push(DeviceStatus {
@@ -505,9 +505,11 @@ impl Imq {
                 ifindex: l.index,
                 state: if l.up { "up" } else { "down" },
                 txqueuelen: l.txqueuelen,
+                qdiscs: stats_of(l.index),
             });
         }
         let Some(mut state) = State::open(self.bpffs())? else {
+            status.shapers = self.shaper_status(&links, &qdiscs, &[])?;
             return Ok(status);
         };
         status.tracks_device_state = state.tracks_device_state();
@@ -564,14 +566,36 @@ impl Imq {
                     ifindex: 0,
                     state: "missing",
                     txqueuelen: 0,
+                    qdiscs: Vec::new(),
                 }),
             }
         }
+        status.shapers = self.shaper_status(&links, &qdiscs, &rules)?;
         status.devices.sort_by_key(|d| d.name.parse::<DevName>().ok());
         status
             .rules
             .sort_by(|a, b| (&a.interface, a.direction, a.prio).cmp(&(&b.interface, b.direction, b.prio)));
         Ok(status)
+    }
+
+    fn shaper_status(
+        &self,
+        links: &[Link],
+        qdiscs: &shaping::Qdiscs,
+        rules: &[(u32, Rule)],
+    ) -> Result<Vec<ShaperStatus>> {
+        Ok(self
+            .find_shapers(links, qdiscs, rules)?
+            .into_iter()
+            .map(|f| ShaperStatus {
+                upload: f
+                    .shaper
+                    .up
+                    .and_then(|_| qdiscs.get(&f.ifindex)?.iter().find(|q| q.parent == netlink::TC_H_ROOT))
+                    .map(|q| q.stats.clone()),
+                shaper: f.shaper,
+            })
+            .collect())
     }
 
     /// Creates an imq device (or adopts an existing ifb of that name). Returns whether

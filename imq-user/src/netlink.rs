@@ -8,7 +8,7 @@ use rtnetlink::{
     Handle, LinkIfb, LinkUnspec,
     packet_core::{
         DefaultNla, Emitable as _, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REPLACE, NLM_F_REQUEST,
-        NetlinkMessage, NetlinkPayload,
+        NetlinkMessage, NetlinkPayload, Nla as _,
     },
     packet_route::{
         RouteNetlinkMessage,
@@ -16,7 +16,7 @@ use rtnetlink::{
         tc::{
             TcAction, TcActionAttribute, TcActionMirror, TcActionMirrorOption, TcActionOption, TcActionType,
             TcAttribute, TcFilterBpf, TcFilterBpfOption, TcHandle, TcHeader, TcMessage, TcMirror, TcMirrorActionType,
-            TcOption,
+            TcOption, TcStats2, TcXstats,
         },
     },
 };
@@ -25,6 +25,7 @@ use tokio::runtime::Runtime;
 use crate::{
     error::{Error, Result},
     rule::Direction,
+    shaper::QdiscStats,
 };
 
 /// What imq needs to know of a network interface.
@@ -249,7 +250,9 @@ impl Netlink {
                         }
                     }
                     NetlinkPayload::InnerMessage(
-                        RouteNetlinkMessage::NewTrafficFilter(m) | RouteNetlinkMessage::NewQueueDiscipline(m),
+                        RouteNetlinkMessage::NewTrafficFilter(m)
+                        | RouteNetlinkMessage::NewQueueDiscipline(m)
+                        | RouteNetlinkMessage::NewTrafficClass(m),
                     ) => out.push(m),
                     _ => {}
                 }
@@ -385,5 +388,159 @@ impl Netlink {
             );
         }
         Ok(found)
+    }
+}
+
+/// One qdisc or class of an interface, with its options left raw (imq reads those of
+/// its own shapers) and its counters.
+#[derive(Clone, Debug)]
+pub struct Qdisc {
+    pub ifindex: u32,
+    pub handle: u32,
+    pub parent: u32,
+    pub kind: String,
+    /// TCA_OPTIONS, as the kernel sent it.
+    pub options: Vec<u8>,
+    pub stats: QdiscStats,
+}
+
+/// The root of a device's egress qdisc tree.
+pub const TC_H_ROOT: u32 = 0xffff_ffff;
+const TCA_OPTIONS: u16 = 2;
+
+fn tc_handle(h: u32) -> TcHandle {
+    TcHandle::from(h)
+}
+
+/// `1a1:` or `1a1:1`, as tc writes handles.
+pub fn handle_text(h: u32) -> String {
+    match h {
+        TC_H_ROOT => "root".into(),
+        h if h & 0xffff == 0 => format!("{:x}:", h >> 16),
+        h => format!("{:x}:{:x}", h >> 16, h & 0xffff),
+    }
+}
+
+impl Qdisc {
+    fn from_message(m: &TcMessage) -> Self {
+        let mut q = Self {
+            ifindex: m.header.index as u32,
+            handle: u32::from(m.header.handle),
+            parent: u32::from(m.header.parent),
+            kind: String::new(),
+            options: Vec::new(),
+            stats: QdiscStats::default(),
+        };
+        let mut app = None;
+        for a in &m.attributes {
+            match a {
+                TcAttribute::Kind(k) => q.kind.clone_from(k),
+                TcAttribute::Options(opts) => {
+                    for o in opts {
+                        let mut buf = vec![0u8; o.value_len()];
+                        o.emit_value(&mut buf);
+                        // Unknown kinds come back whole, as one TCA_OPTIONS.
+                        if o.kind() == TCA_OPTIONS {
+                            q.options = buf;
+                        } else {
+                            crate::shaper::nla(&mut q.options, o.kind(), &buf);
+                        }
+                    }
+                }
+                TcAttribute::Stats2(stats) => {
+                    for s in stats {
+                        match s {
+                            TcStats2::Basic(b) => {
+                                q.stats.sent_bytes = b.bytes;
+                                q.stats.sent_packets = u64::from(b.packets);
+                            }
+                            TcStats2::Queue(qs) => {
+                                q.stats.drops = u64::from(qs.drops);
+                                q.stats.overlimits = u64::from(qs.overlimits);
+                                q.stats.requeues = u64::from(qs.requeues);
+                                q.stats.backlog_bytes = u64::from(qs.backlog);
+                                q.stats.backlog_packets = u64::from(qs.qlen);
+                            }
+                            TcStats2::App(TcXstats::Other(raw)) => app = Some(raw.clone()),
+                            _ => {}
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        q.stats.kind.clone_from(&q.kind);
+        q.stats.handle = handle_text(q.handle);
+        q.stats.parent = handle_text(q.parent);
+        if q.kind == "cake"
+            && let Some(raw) = app
+        {
+            q.stats.cake = Some(crate::shaper::read_cake_stats(&raw));
+        }
+        q
+    }
+}
+
+impl Netlink {
+    /// The egress qdiscs of an interface, or of every interface for ifindex 0
+    /// (clsact and ingress left out).
+    pub fn qdiscs(&self, ifindex: u32) -> Result<Vec<Qdisc>> {
+        let msg = TcMessage::with_index(ifindex as i32);
+        let all = self
+            .tc_request(RouteNetlinkMessage::GetQueueDiscipline(msg), NLM_F_REQUEST | NLM_F_DUMP)
+            .map_err(|e| nl_err("list qdiscs", e))?;
+        Ok(all
+            .iter()
+            .filter(|q| ifindex == 0 || q.header.index == ifindex as i32)
+            .map(Qdisc::from_message)
+            .filter(|q| q.kind != "clsact" && q.kind != "ingress")
+            .collect())
+    }
+
+    /// The classes of an interface's root qdisc.
+    pub fn classes(&self, ifindex: u32) -> Result<Vec<Qdisc>> {
+        let msg = TcMessage::with_index(ifindex as i32);
+        let all = self
+            .tc_request(RouteNetlinkMessage::GetTrafficClass(msg), NLM_F_REQUEST | NLM_F_DUMP)
+            .map_err(|e| nl_err("list classes", e))?;
+        Ok(all.iter().map(Qdisc::from_message).collect())
+    }
+
+    /// `tc qdisc replace` (or `tc class replace` with `class`): creates it, or changes
+    /// the one with this handle. ENOENT means the kernel has no such qdisc kind.
+    pub fn replace_tc(
+        &self,
+        class: bool,
+        ifindex: u32,
+        parent: u32,
+        handle: u32,
+        kind: &str,
+        options: Vec<u8>,
+    ) -> std::result::Result<(), io::Error> {
+        let mut msg = TcMessage::with_index(ifindex as i32);
+        msg.header.parent = tc_handle(parent);
+        msg.header.handle = tc_handle(handle);
+        msg.attributes.push(TcAttribute::Kind(kind.into()));
+        msg.attributes
+            .push(TcAttribute::Other(DefaultNla::new(TCA_OPTIONS, options)));
+        let msg = if class {
+            RouteNetlinkMessage::NewTrafficClass(msg)
+        } else {
+            RouteNetlinkMessage::NewQueueDiscipline(msg)
+        };
+        self.tc_request(msg, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE)
+            .map(drop)
+    }
+
+    /// `tc qdisc del dev X root`: the kernel puts its default qdisc back. Nothing to
+    /// do if the root is already the default.
+    pub fn del_root_qdisc(&self, ifindex: u32) -> Result<()> {
+        let mut msg = TcMessage::with_index(ifindex as i32);
+        msg.header.parent = tc_handle(TC_H_ROOT);
+        match self.tc_request(RouteNetlinkMessage::DelQueueDiscipline(msg), NLM_F_REQUEST | NLM_F_ACK) {
+            Ok(_) => Ok(()),
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::EINVAL | libc::ENODEV)) => Ok(()),
+            Err(e) => Err(nl_err("delete root qdisc", e)),
+        }
     }
 }

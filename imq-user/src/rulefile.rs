@@ -8,6 +8,12 @@
 //! dev = "imq0"              # default imq0
 //! dst = "198.18.0.10/32"
 //! classid = "1:10"
+//!
+//! [[shaper]]                # imqctl shape: keys named after its flags
+//! interface = "eth1"
+//! down = "45mbit"
+//! up = "9mbit"
+//! overhead = 18
 //! ```
 
 use std::{collections::HashMap, fmt::Write as _};
@@ -18,6 +24,7 @@ use toml::Spanned;
 use crate::{
     error::{Error, Result},
     rule::{Actions, DevName, Direction, Directions, Match, PRIO_STEP, Rule, set_field},
+    shaper::{Diffserv, LinkLayer, Shaper},
 };
 
 /// One `[[rule]]` of a file, checked field by field; `line` is where it starts.
@@ -32,11 +39,82 @@ pub struct FileRule {
     pub actions: Actions,
 }
 
+/// A whole file: rules and shapers (each shaper with the line it starts on).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Setup {
+    pub rules: Vec<FileRule>,
+    pub shapers: Vec<(usize, Shaper)>,
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct File {
     #[serde(default)]
     rule: Vec<Spanned<RawRule>>,
+    #[serde(default)]
+    shaper: Vec<Spanned<RawShaper>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawShaper {
+    interface: String,
+    down: Option<String>,
+    up: Option<String>,
+    dev: Option<String>,
+    qdisc: Option<String>,
+    overhead: Option<i64>,
+    mpu: Option<i64>,
+    link_layer: Option<String>,
+    diffserv: Option<String>,
+    #[serde(default)]
+    nat: bool,
+    #[serde(default)]
+    wash: bool,
+    #[serde(default)]
+    ack_filter: bool,
+}
+
+impl RawShaper {
+    fn check(self) -> Result<Shaper> {
+        fn opt<T: std::str::FromStr<Err = Error>>(v: Option<String>) -> Result<Option<T>> {
+            v.map(|s| s.parse()).transpose()
+        }
+        let int = |what: &'static str, v: Option<i64>| {
+            v.map(|v| {
+                i32::try_from(v).map_err(|_| Error::Invalid {
+                    what,
+                    input: v.to_string(),
+                    reason: "out of range",
+                })
+            })
+            .transpose()
+        };
+        let shaper = Shaper {
+            down: opt(self.down)?,
+            up: opt(self.up)?,
+            dev: opt(self.dev)?,
+            qdisc: opt(self.qdisc)?.unwrap_or_default(),
+            overhead: int("overhead", self.overhead)?,
+            mpu: int("mpu", self.mpu)?
+                .map(|m| {
+                    u32::try_from(m).map_err(|_| Error::Invalid {
+                        what: "mpu",
+                        input: m.to_string(),
+                        reason: "negative",
+                    })
+                })
+                .transpose()?,
+            link_layer: opt(self.link_layer)?.unwrap_or_default(),
+            diffserv: opt(self.diffserv)?.unwrap_or_default(),
+            nat: self.nat,
+            wash: self.wash,
+            ack_filter: self.ack_filter,
+            interface: self.interface,
+        };
+        shaper.validate()?;
+        Ok(shaper)
+    }
 }
 
 /// Values may be written as strings or, where they are numbers, as integers.
@@ -93,28 +171,50 @@ impl Lines {
     }
 }
 
-/// Parses and checks a rule file. Errors name the line of the rule (or of the
-/// TOML error) and the reason. Whether interfaces exist is for the caller to check.
-pub fn parse(text: &str) -> Result<Vec<FileRule>> {
+/// Parses and checks a rule file. Errors name the line of the rule or shaper (or of
+/// the TOML error) and the reason. Whether interfaces exist is for the caller to
+/// check.
+pub fn parse_setup(text: &str) -> Result<Setup> {
     let lines = Lines::new(text);
     let file: File = toml::from_str(text).map_err(|e| Error::RuleFile {
         line: e.span().map_or(1, |s| lines.line_of(s.start)),
         message: e.message().trim().replace('\n', " "),
     })?;
-    file.rule
+    let at = |line: usize| {
+        move |e: Error| match e {
+            Error::RuleFile { .. } => e,
+            other => Error::RuleFile {
+                line,
+                message: other.to_string(),
+            },
+        }
+    };
+    let rules = file
+        .rule
         .into_iter()
         .map(|spanned| {
             let line = lines.line_of(spanned.span().start);
-            let raw = spanned.into_inner();
-            check(raw, line).map_err(|e| match e {
-                Error::RuleFile { .. } => e,
-                other => Error::RuleFile {
-                    line,
-                    message: other.to_string(),
-                },
-            })
+            check(spanned.into_inner(), line).map_err(at(line))
         })
-        .collect()
+        .collect::<Result<_>>()?;
+    let mut shapers: Vec<(usize, Shaper)> = Vec::new();
+    for spanned in file.shaper {
+        let line = lines.line_of(spanned.span().start);
+        let shaper = spanned.into_inner().check().map_err(at(line))?;
+        if let Some((other, _)) = shapers.iter().find(|(_, s)| s.interface == shaper.interface) {
+            return Err(Error::RuleFile {
+                line,
+                message: format!("a second shaper on {} (the first is on line {other})", shaper.interface),
+            });
+        }
+        shapers.push((line, shaper));
+    }
+    Ok(Setup { rules, shapers })
+}
+
+/// The rules of a rule file ([`parse_setup`] without the shapers).
+pub fn parse(text: &str) -> Result<Vec<FileRule>> {
+    parse_setup(text).map(|s| s.rules)
 }
 
 fn check(raw: RawRule, line: usize) -> Result<FileRule> {
@@ -207,9 +307,43 @@ pub fn plan(rules: &[FileRule], ifindex: impl Fn(&str) -> Result<u32>) -> Result
     Ok(planned)
 }
 
-/// The rules (with their interface names) as a rule file `parse` reads back.
-pub fn render(rules: &[(String, Rule)]) -> String {
+/// The rules (with their interface names) and shapers as a rule file `parse_setup`
+/// reads back.
+pub fn render(rules: &[(String, Rule)], shapers: &[Shaper]) -> String {
     let mut out = String::from("# imq rule set: imqctl apply -f FILE\n");
+    for s in shapers {
+        let _ = write!(out, "\n[[shaper]]\ninterface = {}\n", quote(&s.interface));
+        let strings = [
+            ("down", s.down.map(|r| r.to_string())),
+            ("up", s.up.map(|r| r.to_string())),
+            ("dev", s.dev.map(|d| d.to_string())),
+            ("qdisc", Some(s.qdisc.to_string())),
+            (
+                "link_layer",
+                (s.link_layer != LinkLayer::default()).then(|| s.link_layer.to_string()),
+            ),
+            (
+                "diffserv",
+                (s.diffserv != Diffserv::default()).then(|| s.diffserv.to_string()),
+            ),
+        ];
+        for (key, value) in strings {
+            if let Some(v) = value {
+                let _ = writeln!(out, "{key} = {}", quote(&v));
+            }
+        }
+        let numbers = [("overhead", s.overhead.map(i64::from)), ("mpu", s.mpu.map(i64::from))];
+        for (key, value) in numbers {
+            if let Some(v) = value {
+                let _ = writeln!(out, "{key} = {v}");
+            }
+        }
+        for (key, on) in [("nat", s.nat), ("wash", s.wash), ("ack_filter", s.ack_filter)] {
+            if on {
+                let _ = writeln!(out, "{key} = true");
+            }
+        }
+    }
     for (interface, r) in rules {
         let m = &r.matches;
         let _ = write!(
@@ -378,7 +512,7 @@ mod tests {
             matches: r.matches,
             actions: r.actions,
         };
-        let again = parse(&render(&[("eth0".to_owned(), rule)])).unwrap();
+        let again = parse(&render(&[("eth0".to_owned(), rule)], &[])).unwrap();
         assert_eq!(again[0].matches, r.matches);
         assert_eq!(again[0].actions, r.actions);
         assert_eq!((again[0].prio, again[0].dev), (Some(7), DevName(1)));

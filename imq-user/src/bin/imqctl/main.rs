@@ -10,6 +10,7 @@ use imq::{
     AttachRequest, Attached, DEFAULT_TXQUEUELEN, Imq, Options,
     rule::{Actions, ClassId, DevName, Directions, Dscp, Mark, Match, PortRange, Prefix, Proto, Selector},
     rulefile,
+    shaper::{Diffserv, LinkLayer, Rate, Shaper, ShaperQdisc},
 };
 
 #[derive(Parser)]
@@ -76,6 +77,11 @@ enum Command {
         #[arg(long, short)]
         json: bool,
     },
+    /// Fix bufferbloat on a WAN link: shape what it receives (in an imq device) and
+    /// what it sends (on the interface) a little below the line's rates
+    Shape(ShapeArgs),
+    /// Remove the shaper of an interface: its rule, imq device and qdiscs
+    Unshape { interface: String },
     /// Manage imq devices
     Dev {
         #[command(subcommand)]
@@ -99,6 +105,64 @@ enum DevCommand {
         #[arg(value_parser = parse::<DevName>)]
         name: DevName,
     },
+}
+
+#[derive(Args)]
+struct ShapeArgs {
+    /// The WAN interface
+    interface: String,
+    /// Download rate, e.g. 45mbit: set it 5-10 % below what the line really delivers
+    #[arg(long, value_parser = parse::<Rate>, value_name = "RATE")]
+    down: Option<Rate>,
+    /// Upload rate, e.g. 9mbit
+    #[arg(long, value_parser = parse::<Rate>, value_name = "RATE")]
+    up: Option<Rate>,
+    /// imq device for the download [default: the one it has, else the lowest free]
+    #[arg(long, value_parser = parse::<DevName>)]
+    dev: Option<DevName>,
+    /// cake, or fq_codel (HTB with one fq_codel leaf) where the kernel lacks cake
+    #[arg(long, default_value = "cake", value_parser = parse::<ShaperQdisc>)]
+    qdisc: ShaperQdisc,
+    /// Bytes of framing per packet below IP, e.g. 18 (Ethernet, VLAN), 44 (PPPoA/ATM)
+    #[arg(long, allow_hyphen_values = true, value_name = "BYTES")]
+    overhead: Option<i32>,
+    /// Smallest frame the link sends, after overhead, e.g. 64 for Ethernet
+    #[arg(long, value_name = "BYTES")]
+    mpu: Option<u32>,
+    /// ethernet, atm (ADSL) or ptm (VDSL2)
+    #[arg(long, default_value = "ethernet", value_parser = parse::<LinkLayer>)]
+    link_layer: LinkLayer,
+    /// cake's priority tins: diffserv3, diffserv4, diffserv8, besteffort, precedence
+    #[arg(long, default_value = "diffserv3", value_parser = parse::<Diffserv>)]
+    diffserv: Diffserv,
+    /// cake: look through NAT for fairness per internal host
+    #[arg(long)]
+    nat: bool,
+    /// cake: clear DSCP marks once the tin is chosen
+    #[arg(long)]
+    wash: bool,
+    /// cake, upload: drop ACKs a later ACK makes redundant (asymmetric links)
+    #[arg(long)]
+    ack_filter: bool,
+}
+
+impl ShapeArgs {
+    fn to_shaper(&self) -> Shaper {
+        Shaper {
+            interface: self.interface.clone(),
+            down: self.down,
+            up: self.up,
+            dev: self.dev,
+            qdisc: self.qdisc,
+            overhead: self.overhead,
+            mpu: self.mpu,
+            link_layer: self.link_layer,
+            diffserv: self.diffserv,
+            nat: self.nat,
+            wash: self.wash,
+            ack_filter: self.ack_filter,
+        }
+    }
 }
 
 /// What a rule matches; every option given must match.
@@ -204,12 +268,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 std::fs::read_to_string(&file)
             }
             .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
-            let rules = rulefile::parse(&text).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
-            let (before, after) = imq.apply(&rules).map_err(|e| match e {
+            let setup = rulefile::parse_setup(&text).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+            let (before, after) = imq.apply(&setup).map_err(|e| match e {
                 imq::Error::RuleFile { .. } => anyhow::anyhow!("{}: {e}", file.display()),
                 e => e.into(),
             })?;
-            eprintln!("applied {after} rule(s), replacing {before}");
+            eprintln!(
+                "applied {after} rule(s) and {} shaper(s), replacing {before} rule(s)",
+                setup.shapers.len()
+            );
         }
         Command::Export => print!("{}", imq.export()?),
         Command::Show { json } => {
@@ -219,6 +286,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             } else {
                 print!("{}", show::render(&status));
             }
+        }
+        Command::Shape(args) => {
+            let s = imq.shape(&args.to_shaper())?;
+            eprintln!("{}", show::shaper_line(&s));
+        }
+        Command::Unshape { interface } => {
+            let s = imq.unshape(&interface)?;
+            eprintln!("removed the shaper of {interface}: {}", show::shaper_line(&s));
         }
         Command::Dev {
             command: DevCommand::Add { name, txqueuelen },
