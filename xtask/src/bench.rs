@@ -729,6 +729,10 @@ fn render(r: &Value) -> String {
         );
     }
     o.push_str(&findings(r));
+    if let Some(latency) = crate::bufferbloat::section(&workspace_root()) {
+        o.push('\n');
+        o.push_str(&latency);
+    }
     o
 }
 

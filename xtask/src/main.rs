@@ -1,6 +1,7 @@
 //! Project tasks: `cargo xtask setup | build | run | test | lint`.
 
 mod bench;
+mod bufferbloat;
 mod demo;
 mod setup;
 mod vm;
@@ -47,6 +48,16 @@ enum Task {
         timeout_minutes: u64,
         /// Only tests whose name contains this
         filter: Option<String>,
+    },
+    /// Latency under load on a bloated WAN link with each shaper setup, in a VM of a
+    /// kernel that has cake (root): bench/bufferbloat/ and BENCHMARKS.md §7
+    VmBench {
+        /// The kernel to boot: bullseye, bookworm or trixie
+        #[arg(long, default_value = "trixie")]
+        kernel: String,
+        /// Seconds each load lasts
+        #[arg(long, default_value_t = 20)]
+        seconds: u32,
     },
     /// cargo fmt --check and clippy -D warnings on the host and eBPF crates
     Lint,
@@ -157,6 +168,7 @@ fn main() -> ExitCode {
                 timeout: std::time::Duration::from_secs(timeout_minutes * 60),
             })
         }),
+        Task::VmBench { kernel, seconds } => build().and_then(|()| bufferbloat::run(&kernel, seconds)),
         Task::Lint => lint(),
         Task::Bench { render_only: true } => bench::render_saved(),
         Task::Bench { render_only: false } => build().and_then(|()| bench::run()),

@@ -73,6 +73,8 @@ const MODULE_DIRS: &[&str] = &[
 
 /// Printed by the guest's init as its first line: the kernel booted and runs our code.
 const BOOTED: &str = "IMQ-VM-BOOTED";
+/// How long a KVM guest may take to reach its init before TCG is tried instead.
+const KVM_BOOT_LIMIT: Duration = Duration::from_secs(90);
 const DONE: &str = "IMQ-VM-DONE";
 
 pub struct Options {
@@ -112,7 +114,13 @@ pub fn run_tests(opts: &Options) -> Result<()> {
     fs::create_dir_all(&work)?;
     let binaries = build_tests()?;
     let base = work.join("base.cpio.gz");
-    build_base(&work.join("base"), &binaries, opts.filter.as_deref(), &base)?;
+    let names: Vec<String> = binaries.iter().map(|(n, _)| n.clone()).collect();
+    build_base(
+        &work.join("base"),
+        &binaries,
+        &init_script(&names, opts.filter.as_deref()),
+        &base,
+    )?;
 
     let mut outcomes = Vec::new();
     for suite in &opts.suites {
@@ -135,6 +143,71 @@ pub fn run_tests(opts: &Options) -> Result<()> {
         bail!("{failed} test(s) failed in the VMs");
     }
     Ok(())
+}
+
+/// `cargo xtask vm-bench`: builds the benchmark binary `bin` of imq-tests, runs it
+/// with `args` in the VM of one kernel, and returns the kernel's release and the
+/// lines the benchmark printed that start with `prefix` (prefix removed).
+pub fn run_bench(
+    suite: &str,
+    bin: &str,
+    args: &[&str],
+    prefix: &str,
+    timeout: Duration,
+) -> Result<(String, Vec<String>)> {
+    if !SUITES.iter().any(|(name, _)| *name == suite) {
+        bail!("unknown kernel '{suite}': one of {}", suite_names());
+    }
+    setup::ensure_packages(HOST_PACKAGES)?;
+    let cache = cache_dir();
+    let apt = Apt::new(&cache.join("apt"))?;
+    apt.update(&[suite.to_owned()])?;
+    let work = crate::workspace_root().join("target/vm-bench");
+    let _ = fs::remove_dir_all(&work);
+    fs::create_dir_all(&work)?;
+    let out = cargo()
+        .args([
+            "build",
+            "--release",
+            "--message-format=json",
+            "--package",
+            "imq-tests",
+            "--bin",
+            bin,
+        ])
+        .stderr(Stdio::inherit())
+        .output()
+        .context("cargo build")?;
+    if !out.status.success() {
+        bail!("building {bin} failed");
+    }
+    let exe = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find_map(|m| (m["target"]["name"] == bin).then(|| m["executable"].as_str().map(PathBuf::from))?)
+        .with_context(|| format!("cargo built no {bin}"))?;
+    let base = work.join("base.cpio.gz");
+    build_base(
+        &work.join("base"),
+        &[(bin.to_owned(), exe)],
+        &bench_init(bin, args),
+        &base,
+    )?;
+    let kernel = apt.kernel(suite, &cache.join("kernels"))?;
+    let initrd = work.join(format!("initrd-{suite}.cpio.gz"));
+    build_initrd(&kernel, &work.join(format!("modules-{suite}")), &base, &initrd)?;
+    let log = work.join(format!("{suite}.log"));
+    eprintln!("vm-bench: booting {suite} ({}), log {}", kernel.release, log.display());
+    let outcome = boot(&kernel, &initrd, &log, timeout)?;
+    let text = fs::read_to_string(&log)?;
+    if !text.lines().any(|l| l.trim_end() == format!("IMQ-VM-EXIT {bin} 0")) {
+        bail!("{bin} failed in the VM (log: {})", log.display());
+    }
+    let lines = text
+        .lines()
+        .filter_map(|l| l.strip_prefix(prefix).map(str::to_owned))
+        .collect();
+    Ok((outcome.release, lines))
 }
 
 pub fn suite_names() -> String {
@@ -435,7 +508,7 @@ fn which(program: &str) -> Result<PathBuf> {
 
 /// The part of the initramfs every kernel shares: tools, libraries, imqctl, the test
 /// binaries and the init script.
-fn build_base(dir: &Path, binaries: &[(String, PathBuf)], filter: Option<&str>, out: &Path) -> Result<()> {
+fn build_base(dir: &Path, binaries: &[(String, PathBuf)], init_text: &str, out: &Path) -> Result<()> {
     let tree = Tree::new(dir)?;
     let mut libs = BTreeSet::new();
     for tool in GUEST_TOOLS {
@@ -465,15 +538,13 @@ fn build_base(dir: &Path, binaries: &[(String, PathBuf)], filter: Option<&str>, 
 
     let imqctl = tree.root.join("imq/imqctl");
     fs::copy(imqctl_path(), &imqctl).context("copy imqctl (run `cargo xtask build`)")?;
-    let mut names = Vec::new();
     for (name, path) in binaries {
         let dst = tree.root.join("imq/tests").join(name);
         fs::copy(path, &dst)?;
         libs_for(&tree, path)?;
-        names.push(name.clone());
     }
     let init = tree.root.join("init");
-    fs::write(&init, init_script(&names, filter))?;
+    fs::write(&init, init_text)?;
     fs::set_permissions(&init, fs::Permissions::from_mode(0o755))?;
     cpio(&tree.root, out)
 }
@@ -492,6 +563,28 @@ fn init_script(tests: &[String], filter: Option<&str>) -> String {
     let filter = filter
         .map(|f| format!(" '{}'", f.replace('\'', "")))
         .unwrap_or_default();
+    let mut s = init_preamble();
+    for t in tests {
+        s.push_str(&format!(
+            "echo \"IMQ-VM-RUN {t}\"\nIMQCTL=/imq/imqctl RUST_BACKTRACE=1 /imq/tests/{t} --test-threads=1 --include-ignored --nocapture{filter}\necho \"IMQ-VM-EXIT {t} $?\"\n"
+        ));
+    }
+    s.push_str(&format!("echo {DONE}\nbusybox poweroff -f\n"));
+    s
+}
+
+/// The guest's init for a benchmark: runs one binary with `args`, powers off.
+fn bench_init(name: &str, args: &[&str]) -> String {
+    let mut s = init_preamble();
+    s.push_str(&format!(
+        "echo \"IMQ-VM-RUN {name}\"\nIMQCTL=/imq/imqctl RUST_BACKTRACE=1 /imq/tests/{name} {}\necho \"IMQ-VM-EXIT {name} $?\"\necho {DONE}\nbusybox poweroff -f\n",
+        args.join(" ")
+    ));
+    s
+}
+
+/// Mounts and environment every guest init starts with.
+fn init_preamble() -> String {
     let mut s = String::from(
         r#"#!/bin/bash
 export PATH=/usr/sbin:/usr/bin HOME=/root
@@ -511,12 +604,6 @@ ip link set lo up
     );
     s.push_str(&format!("echo \"{BOOTED} $(uname -r)\"\n"));
     s.push_str("cd /tmp\n");
-    for t in tests {
-        s.push_str(&format!(
-            "echo \"IMQ-VM-RUN {t}\"\nIMQCTL=/imq/imqctl RUST_BACKTRACE=1 /imq/tests/{t} --test-threads=1 --include-ignored --nocapture{filter}\necho \"IMQ-VM-EXIT {t} $?\"\n"
-        ));
-    }
-    s.push_str(&format!("echo {DONE}\nbusybox poweroff -f\n"));
     s
 }
 
@@ -648,9 +735,17 @@ fn qemu(kernel: &Kernel, initrd: &Path, log: &Path, timeout: Duration, accel: &s
         }
     });
     let mut log_file = fs::File::create(log)?;
-    let deadline = Instant::now() + timeout;
+    let started = Instant::now();
+    let deadline = started + timeout;
     let mut counter = Counter::default();
     loop {
+        // A KVM guest that breaks here either dies or hangs with "KVM internal error";
+        // one that has not reached its init after KVM_BOOT_LIMIT is given up too.
+        if accel == "kvm" && counter.release.is_none() && started.elapsed() > KVM_BOOT_LIMIT {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Ok(None);
+        }
         let left = deadline.saturating_duration_since(Instant::now());
         match rx.recv_timeout(left.min(Duration::from_secs(5))) {
             Ok(line) => {
@@ -658,6 +753,11 @@ fn qemu(kernel: &Kernel, initrd: &Path, log: &Path, timeout: Duration, accel: &s
                 writeln!(log_file, "{line}")?;
                 println!("[{accel}] {line}");
                 counter.line(&line);
+                if accel == "kvm" && counter.release.is_none() && line.contains("KVM internal error") {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Ok(None);
+                }
             }
             Err(mpsc::RecvTimeoutError::Timeout) if Instant::now() < deadline => {}
             Err(mpsc::RecvTimeoutError::Timeout) => {
