@@ -643,14 +643,31 @@ impl Imq {
         self.nl.del_link(link.index)
     }
 
-    /// Removes every rule and program imq attached in this namespace. Devices stay:
-    /// they carry the user's qdiscs. Returns the number of rules removed.
+    /// Removes every rule and program imq attached in this namespace, and every
+    /// shaper with its qdiscs and device. Other imq devices stay: they carry the
+    /// user's qdiscs. Returns the number of rules removed.
     pub fn flush(&mut self) -> Result<usize> {
+        let links = self.nl.links()?;
         let Some(mut state) = State::open(self.bpffs())? else {
+            // Upload-only shapers need no rule.
+            for f in self.find_shapers(&links, &self.all_qdiscs()?, &[])? {
+                self.nl.del_root_qdisc(f.ifindex)?;
+            }
             return Ok(0);
         };
         let rules = state.rules()?;
-        let links = self.nl.links()?;
+        for f in self.find_shapers(&links, &self.all_qdiscs()?, &rules)? {
+            if f.shaper.up.is_some() {
+                self.nl.del_root_qdisc(f.ifindex)?;
+            }
+            if let Some(dev) = f
+                .shaper
+                .dev
+                .and_then(|d| links.iter().find(|l| l.name == d.to_string()))
+            {
+                self.nl.del_link(dev.index)?;
+            }
+        }
         for need in needs(&Self::without_gone(&links, &rules), self.tcx) {
             // TCX links go with the state's pins.
             if let Need::Filter {

@@ -394,7 +394,7 @@ mod tests {
     use super::*;
 
     fn err(text: &str) -> (usize, String) {
-        match parse(text).unwrap_err() {
+        match parse_setup(text).unwrap_err() {
             Error::RuleFile { line, message } => (line, message),
             e => panic!("{e}"),
         }
@@ -496,6 +496,51 @@ mod tests {
             panic!("missing interface accepted");
         };
         assert!(message.contains("no interface 'eth9'"), "{message}");
+    }
+
+    #[test]
+    fn shapers_parse_render_and_read_back() {
+        let text = "[[rule]]\ninterface = \"eth0\"\n\n[[shaper]]\ninterface = \"wan0\"\ndown = \"45mbit\"\n\
+                    up = \"9.5mbit\"\noverhead = -4\nmpu = 64\nlink_layer = \"ptm\"\ndiffserv = \"diffserv4\"\n\
+                    nat = true\nack_filter = true\ndev = \"imq3\"\n";
+        let setup = parse_setup(text).unwrap();
+        assert_eq!(setup.rules.len(), 1);
+        let (line, s) = &setup.shapers[0];
+        assert_eq!(*line, 4);
+        assert_eq!(
+            (s.down.unwrap().bits_per_sec(), s.up.unwrap().bits_per_sec()),
+            (45_000_000, 9_500_000)
+        );
+        assert_eq!((s.overhead, s.mpu, s.dev), (Some(-4), Some(64), Some(DevName(3))));
+        assert_eq!((s.link_layer, s.diffserv), (LinkLayer::Ptm, Diffserv::Diffserv4));
+        assert!(s.nat && s.ack_filter && !s.wash);
+        let again = parse_setup(&render(&[], std::slice::from_ref(s))).unwrap();
+        assert_eq!(again.shapers[0].1, *s);
+    }
+
+    #[test]
+    fn bad_shapers_name_their_line_and_reason() {
+        let shaper =
+            |extra: &str| format!("[[rule]]\ninterface = \"a\"\n\n[[shaper]]\ninterface = \"wan0\"\n{extra}\n");
+        for (extra, says) in [
+            ("", "give --down RATE, --up RATE or both"),
+            ("down = \"45mbps\"", "bytes per second"),
+            ("down = \"45mbit\"\nqdisc = \"sfq\"", "invalid qdisc 'sfq'"),
+            (
+                "up = \"9mbit\"\nqdisc = \"fq_codel\"\nwash = true",
+                "--wash needs --qdisc cake",
+            ),
+            ("down = \"45mbit\"\nmpu = -1", "mpu"),
+            ("down = \"45mbit\"\nspeed = 3", "speed"),
+        ] {
+            let (line, msg) = err(&shaper(extra));
+            assert_eq!(line, if extra.contains("speed") { 7 } else { 4 }, "{extra}: {msg}");
+            assert!(msg.contains(says), "{extra}: {msg}");
+        }
+        let two = "[[shaper]]\ninterface = \"w\"\nup = \"1mbit\"\n[[shaper]]\ninterface = \"w\"\nup = \"2mbit\"\n";
+        let (line, msg) = err(two);
+        assert_eq!(line, 4);
+        assert!(msg.contains("a second shaper on w (the first is on line 1)"), "{msg}");
     }
 
     #[test]

@@ -105,7 +105,7 @@ impl fmt::Display for Rate {
                     return write!(f, "{whole}{unit}");
                 }
                 // Up to three decimals, exactly when they suffice.
-                if (rest * 1000) % scale == 0 {
+                if (rest * 1000).is_multiple_of(scale) {
                     let frac = format!("{:03}", rest * 1000 / scale);
                     return write!(f, "{whole}.{}{unit}", frac.trim_end_matches('0'));
                 }

@@ -25,6 +25,10 @@ pub(crate) struct Found {
     pub ifindex: u32,
 }
 
+/// One side of a shaper as it was before a change (its spec, rate, and whether it
+/// is the download), to put back if the change fails; `None`: the kernel's default.
+type Before<'a> = Option<(&'a Shaper, shaper::Rate, bool)>;
+
 /// Every qdisc of the namespace, by ifindex.
 pub(crate) type Qdiscs = HashMap<u32, Vec<Qdisc>>;
 
@@ -213,7 +217,7 @@ impl Imq {
 
     /// Puts a shaper side back as it was before a failed change: the old shaper's
     /// qdisc, or the kernel's default.
-    fn restore_root(&self, qdiscs: &Qdiscs, ifindex: u32, old: Option<(&Shaper, shaper::Rate, bool)>) {
+    fn restore_root(&self, qdiscs: &Qdiscs, ifindex: u32, old: Before<'_>) {
         match old {
             Some((spec, rate, ingress)) => {
                 let _ = self.set_root(qdiscs, ifindex, spec, rate, ingress);
@@ -342,7 +346,7 @@ impl Imq {
             self.nl.links()?
         };
         let dev_index = |d: DevName| links.iter().find(|l| l.name == d.to_string()).map(|l| l.index);
-        let mut touched: Vec<(u32, Option<(&Shaper, shaper::Rate, bool)>)> = Vec::new();
+        let mut touched: Vec<(u32, Before<'_>)> = Vec::new();
         let result = (|| {
             for (s, _) in &plans {
                 let (Some(dev), Some(rate)) = (s.dev, s.down) else {

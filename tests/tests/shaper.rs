@@ -286,4 +286,16 @@ fn shape_with_fq_codel_then_cake() {
     assert_rate(goodput(c, s, &server, 5313), 9.5, 0.15, "download, cake after htb");
     s.imqctl_ok(&["unshape", "s0"]);
     assert!(imq_devices(s).is_empty(), "{:?}", imq_devices(s));
+
+    // flush takes shapers with it, up-only ones too.
+    s.imqctl_ok(&[
+        "shape", "s0", "--down", "10mbit", "--up", "20mbit", "--qdisc", "fq_codel",
+    ]);
+    s.imqctl_ok(&["flush"]);
+    assert!(imq_devices(s).is_empty(), "{:?}", imq_devices(s));
+    assert!(root_qdisc(s, "s0").contains("noqueue"), "{}", root_qdisc(s, "s0"));
+    s.imqctl_ok(&["shape", "s0", "--up", "20mbit"]);
+    s.imqctl_ok(&["flush"]);
+    assert!(root_qdisc(s, "s0").contains("noqueue"), "{}", root_qdisc(s, "s0"));
+    assert_unshaped(goodput(s, c, &client, 5314), "upload after flush");
 }

@@ -316,6 +316,32 @@ fn flows(
     Ok(receivers)
 }
 
+/// Static keys the run would otherwise switch on and off while packets flow, each
+/// switch a live patch of the kernel's receive path: SO_TIMESTAMP (every ping start and
+/// exit flips netstamp_needed_key) and clsact (the tc ingress/egress keys, flipped by
+/// every setup change). Under qemu's TCG with two vCPUs such a patch once crashed the
+/// guest (int3 in __netif_receive_skb_core); held on from the start, they are never
+/// patched again. Neither changes what is measured.
+fn hold_static_keys(isp: &NetNs) -> Result<std::net::UdpSocket> {
+    isp.tc(&["qdisc", "add", "dev", "lo", "clsact"])?;
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0")?;
+    let on: libc::c_int = 1;
+    // SAFETY: a valid socket and a pointer to an int of the given length.
+    let ret = unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&sock),
+            libc::SOL_SOCKET,
+            libc::SO_TIMESTAMP,
+            (&raw const on).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if ret != 0 {
+        return Err(std::io::Error::last_os_error()).context("SO_TIMESTAMP");
+    }
+    Ok(sock)
+}
+
 fn main() -> Result<()> {
     require_root();
     let secs: u32 = std::env::args()
@@ -325,7 +351,7 @@ fn main() -> Result<()> {
         .context("--seconds N")?;
     let warmup = 3.0;
     let net = Net::new()?;
-    let _ = &net.isp;
+    let _keys = hold_static_keys(&net.isp)?;
     eprintln!(
         "bufferbloat: line {DOWN_LINE} down / {UP_LINE} up, FIFOs {DOWN_FIFO} / {UP_FIFO} bytes, 20 ms base RTT, {FLOWS} flows each way, {secs} s per load"
     );
