@@ -58,6 +58,9 @@ enum Task {
         /// Seconds each load lasts
         #[arg(long, default_value_t = 20)]
         seconds: u32,
+        /// Times every setup and load is measured, taking turns
+        #[arg(long, default_value_t = 3)]
+        rounds: u32,
     },
     /// cargo fmt --check and clippy -D warnings on the host and eBPF crates
     Lint,
@@ -168,7 +171,11 @@ fn main() -> ExitCode {
                 timeout: std::time::Duration::from_secs(timeout_minutes * 60),
             })
         }),
-        Task::VmBench { kernel, seconds } => build().and_then(|()| bufferbloat::run(&kernel, seconds)),
+        Task::VmBench {
+            kernel,
+            seconds,
+            rounds,
+        } => build().and_then(|()| bufferbloat::run(&kernel, seconds, rounds)),
         Task::Lint => lint(),
         Task::Bench { render_only: true } => bench::render_saved(),
         Task::Bench { render_only: false } => build().and_then(|()| bench::run()),

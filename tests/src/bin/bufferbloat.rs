@@ -344,55 +344,66 @@ fn hold_static_keys(isp: &NetNs) -> Result<std::net::UdpSocket> {
 
 fn main() -> Result<()> {
     require_root();
-    let secs: u32 = std::env::args()
-        .skip_while(|a| a != "--seconds")
-        .nth(1)
-        .map_or(Ok(20), |s| s.parse())
-        .context("--seconds N")?;
-    let warmup = 3.0;
+    let arg = |name: &str, default: u32| -> Result<u32> {
+        std::env::args()
+            .skip_while(|a| a != name)
+            .nth(1)
+            .map_or(Ok(default), |s| s.parse())
+            .with_context(|| format!("{name} N"))
+    };
+    let secs = arg("--seconds", 20)?;
+    // Each round measures every setup and load once: rounds take turns, so a slow
+    // moment of the machine does not land on one setup alone.
+    let rounds = arg("--rounds", 3)?;
+    // Slow start overshoots into the ISP's FIFO, which a shaper below the line drains
+    // only at the difference of the rates: up to 2.4 s for 1.5 MB at 50 - 45 Mbit/s.
+    let warmup = 5.0;
     let net = Net::new()?;
     let _keys = hold_static_keys(&net.isp)?;
     eprintln!(
         "bufferbloat: line {DOWN_LINE} down / {UP_LINE} up, FIFOs {DOWN_FIFO} / {UP_FIFO} bytes, 20 ms base RTT, {FLOWS} flows each way, {secs} s per load"
     );
     let mut port = 6000;
-    for setup in Setup::ALL {
-        setup.up(&net.client)?;
-        for traffic in [Traffic::Idle, Traffic::Download, Traffic::Upload, Traffic::Both] {
-            let window = f64::from(secs) - warmup;
-            let down = matches!(traffic, Traffic::Download | Traffic::Both)
-                .then(|| flows(&net.server, &net.client, CLIENT, port, f64::from(secs), warmup))
-                .transpose()?;
-            let up = matches!(traffic, Traffic::Upload | Traffic::Both)
-                .then(|| flows(&net.client, &net.server, SERVER, port + 1, f64::from(secs), warmup))
-                .transpose()?;
-            port += 2;
-            let (rtt, lost) = ping(&net.client, if traffic == Traffic::Idle { 5 } else { secs })?;
-            let mbit = |h: Option<thread::JoinHandle<Result<u64>>>| -> Result<Option<f64>> {
-                h.map(|h| {
-                    let bytes = h.join().map_err(|_| anyhow::anyhow!("receiver panicked"))??;
-                    Ok(bytes as f64 * 8.0 / window / 1e6)
-                })
-                .transpose()
-            };
-            let (down_mbit, up_mbit) = (mbit(down)?, mbit(up)?);
-            let record = json!({
-                "setup": setup.name(),
-                "load": traffic.name(),
-                "warmup_s": if traffic == Traffic::Idle { 0.0 } else { warmup },
-                "down_mbit": down_mbit,
-                "up_mbit": up_mbit,
-                "down_shaped_mbit": DOWN_SHAPED_MBIT,
-                "up_shaped_mbit": UP_SHAPED_MBIT,
-                "lost": lost,
-                "rtt": rtt.iter().map(|(t, r)| [(t * 100.0).round() / 100.0, (r * 100.0).round() / 100.0]).collect::<Vec<_>>(),
-            });
-            println!("IMQ-BENCH {record}");
-            std::io::stdout().flush()?;
-            // Let the queues drain before the next load.
-            thread::sleep(Duration::from_secs(2));
+    for round in 0..rounds {
+        for setup in Setup::ALL {
+            setup.up(&net.client)?;
+            for traffic in [Traffic::Idle, Traffic::Download, Traffic::Upload, Traffic::Both] {
+                let window = f64::from(secs) - warmup;
+                let down = matches!(traffic, Traffic::Download | Traffic::Both)
+                    .then(|| flows(&net.server, &net.client, CLIENT, port, f64::from(secs), warmup))
+                    .transpose()?;
+                let up = matches!(traffic, Traffic::Upload | Traffic::Both)
+                    .then(|| flows(&net.client, &net.server, SERVER, port + 1, f64::from(secs), warmup))
+                    .transpose()?;
+                port += 2;
+                let (rtt, lost) = ping(&net.client, if traffic == Traffic::Idle { 5 } else { secs })?;
+                let mbit = |h: Option<thread::JoinHandle<Result<u64>>>| -> Result<Option<f64>> {
+                    h.map(|h| {
+                        let bytes = h.join().map_err(|_| anyhow::anyhow!("receiver panicked"))??;
+                        Ok(bytes as f64 * 8.0 / window / 1e6)
+                    })
+                    .transpose()
+                };
+                let (down_mbit, up_mbit) = (mbit(down)?, mbit(up)?);
+                let record = json!({
+                    "round": round,
+                    "setup": setup.name(),
+                    "load": traffic.name(),
+                    "warmup_s": if traffic == Traffic::Idle { 0.0 } else { warmup },
+                    "down_mbit": down_mbit,
+                    "up_mbit": up_mbit,
+                    "down_shaped_mbit": DOWN_SHAPED_MBIT,
+                    "up_shaped_mbit": UP_SHAPED_MBIT,
+                    "lost": lost,
+                    "rtt": rtt.iter().map(|(t, r)| [(t * 100.0).round() / 100.0, (r * 100.0).round() / 100.0]).collect::<Vec<_>>(),
+                });
+                println!("IMQ-BENCH {record}");
+                std::io::stdout().flush()?;
+                // Let the queues drain before the next load.
+                thread::sleep(Duration::from_secs(2));
+            }
+            setup.down(&net.client)?;
         }
-        setup.down(&net.client)?;
     }
     Ok(())
 }
