@@ -283,9 +283,10 @@ impl Shaper {
                 LinkLayer::Ptm => 2,
             },
         );
-        match self.overhead {
-            Some(v) => nla_u32(&mut o, cake::OVERHEAD, v as u32),
-            None => nla_u32(&mut o, cake::RAW, 0),
+        // cake adds its overhead in raw mode too: "none" is raw with an overhead of 0.
+        nla_u32(&mut o, cake::OVERHEAD, self.overhead.unwrap_or(0) as u32);
+        if self.overhead.is_none() {
+            nla_u32(&mut o, cake::RAW, 0);
         }
         nla_u32(&mut o, cake::MPU, self.mpu.unwrap_or(0));
         // A kernel without conntrack refuses the attribute itself, even as 0.

@@ -83,6 +83,24 @@ pub fn dev_rx(ns: &NetNs, dev: &str) -> (u64, u64) {
     (rx["packets"].as_u64().unwrap(), rx["bytes"].as_u64().unwrap())
 }
 
+/// `imqctl show -j` and the (packets, bytes) each of `devs` received, read while
+/// nothing arrived at them: a packet of the namespace's own (an IPv6 router
+/// solicitation, say) landing between the two reads would make exact counts differ.
+/// Tries a few times; returns the last reading if the devices never rest.
+pub fn show_at_rest(ns: &NetNs, devs: &[&str]) -> (Value, Vec<(u64, u64)>) {
+    let rx = || devs.iter().map(|d| dev_rx(ns, d)).collect::<Vec<_>>();
+    for _ in 0..10 {
+        let before = rx();
+        let status = show(ns);
+        let after = rx();
+        if before == after {
+            return (status, after);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    (show(ns), rx())
+}
+
 /// (packets, bytes) counted by all rules of a `show -j` status.
 pub fn rule_counters(status: &Value) -> (u64, u64) {
     status["rules"].as_array().unwrap().iter().fold((0, 0), |(p, b), r| {

@@ -3,7 +3,7 @@
 
 use imq_tests::{
     Goodput, Load, Pair, Routed,
-    check::{assert_rate, assert_unshaped, dev_rx, device_state, goodput, rule_counters, show, tbf},
+    check::{assert_rate, assert_unshaped, device_state, goodput, rule_counters, show, show_at_rest, tbf},
     concurrent_tcp_goodput, ping, require_root,
 };
 
@@ -21,12 +21,8 @@ fn egress_shapes_local_ipv4_and_ipv6() {
         goodput(c, &pair.server, &pair.server_v4(), 5200),
         "through imq0 with pfifo",
     );
-    let status = show(c);
-    assert_eq!(
-        rule_counters(&status),
-        dev_rx(c, "imq0"),
-        "rule counters vs imq0 rx: {status}"
-    );
+    let (status, rx) = show_at_rest(c, &["imq0"]);
+    assert_eq!(rule_counters(&status), rx[0], "rule counters vs imq0 rx: {status}");
     assert_eq!(status["rules"][0]["direction"], "egress");
     assert_eq!(status["rules"][0]["attached"], true);
 

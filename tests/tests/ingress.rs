@@ -6,7 +6,7 @@
 
 use imq_tests::{
     Goodput, Pair,
-    check::{assert_between, assert_unshaped, config, dev_rx, goodput, links, rule_counters, show, tbf},
+    check::{assert_between, assert_unshaped, config, goodput, links, rule_counters, show, show_at_rest, tbf},
     require_root,
 };
 use serde_json::Value;
@@ -41,15 +41,11 @@ fn tbf_on_imq0_shapes_ingress_and_detach_restores_it() {
     s.tc(&["qdisc", "replace", "dev", "imq0", "root", "pfifo", "limit", "100000"])
         .unwrap();
     assert_unshaped(upload(&pair, 5200), "through imq0 with pfifo");
-    let status = show(s);
+    let (status, rx) = show_at_rest(s, &["imq0"]);
     let (packets, bytes) = rule_counters(&status);
     let qdisc: Value = serde_json::from_str(&s.tc(&["-s", "-j", "qdisc", "show", "dev", "imq0"]).unwrap()).unwrap();
     assert_eq!(qdisc[0]["drops"], 0, "{qdisc}");
-    assert_eq!(
-        (packets, bytes),
-        dev_rx(s, "imq0"),
-        "rule counters vs imq0 rx: {status}"
-    );
+    assert_eq!((packets, bytes), rx[0], "rule counters vs imq0 rx: {status}");
     assert!(packets > 1000, "{status}");
 
     tbf(s, "imq0", SHAPED_MBIT);

@@ -5,7 +5,7 @@
 
 use imq_tests::{
     NetNs, Pair, Routed,
-    check::{assert_rate, dev_rx, goodput, rule_counters, show, tbf},
+    check::{assert_rate, goodput, rule_counters, show, show_at_rest, tbf},
     require_root,
 };
 
@@ -122,7 +122,7 @@ fn each_packet_is_queued_once_with_several_devices() {
     goodput(c, s, &pair.server_v4(), 5201);
     goodput(c, s, &pair.server_v4(), 5202);
 
-    let status = show(c);
+    let (status, rx) = show_at_rest(c, &["imq0", "imq1"]);
     let counted = |dev: &str| {
         status["rules"]
             .as_array()
@@ -133,13 +133,9 @@ fn each_packet_is_queued_once_with_several_devices() {
                 (p + r["packets"].as_u64().unwrap(), b + r["bytes"].as_u64().unwrap())
             })
     };
-    for dev in ["imq0", "imq1"] {
+    for (dev, rx) in ["imq0", "imq1"].into_iter().zip(rx) {
         assert!(counted(dev).0 > 1000, "{dev}: {status}");
-        assert_eq!(
-            counted(dev),
-            dev_rx(c, dev),
-            "{dev}: rule counters vs what it received: {status}"
-        );
+        assert_eq!(counted(dev), rx, "{dev}: rule counters vs what it received: {status}");
     }
     // The peer's ingress imq saw what both devices queued. Compared in bytes, at 90%:
     // a peer that merges packets (GRO) counts fewer packets and fewer headers.

@@ -201,10 +201,15 @@ fn shape_with_cake_both_ways_and_unshape() {
     );
     let up = &sh["upload"];
     assert!(up["sent_bytes"].as_u64().unwrap() > 10_000_000, "{up}");
-    assert!(
-        s.imqctl_ok(&["show"])
-            .contains("shaper s0 down 10mbit dev imq0 up 20mbit")
-    );
+    let text = s.imqctl_ok(&["show"]);
+    for line in [
+        "shaper s0 down 10mbit dev imq0 up 20mbit qdisc cake overhead 18 diffserv diffserv4",
+        "  qdisc cake 1a1: root sent ",
+        "  upload qdisc cake 1a1: root sent ",
+    ] {
+        assert!(text.contains(line), "no '{line}' in show:\n{text}");
+    }
+    assert!(text.contains(" delay avg "), "no cake tin in show:\n{text}");
 
     // A new rate replaces the old in place: same device, same rule.
     s.imqctl_ok(&["shape", "s0", "--down", "5mbit", "--up", "20mbit"]);

@@ -20,28 +20,50 @@ const GOAL_P99_ABOVE_IDLE_MS: f64 = 10.0;
 /// ... and goodput at least this share of the shaper's rate.
 const GOAL_GOODPUT_SHARE: f64 = 0.90;
 
-pub fn run(suite: &str, seconds: u32, rounds: u32) -> Result<()> {
-    let (secs, n) = (seconds.to_string(), rounds.to_string());
-    // Each round is 4 setups x (5 s idle + 3 loads), with pauses between.
-    let timeout = Duration::from_secs(600 + u64::from(rounds) * 4 * (15 + 3 * (u64::from(seconds) + 3)) * 2);
-    let (release, lines) = vm::run_bench(
-        suite,
-        "bufferbloat",
-        &["--seconds", &secs, "--rounds", &n],
-        "IMQ-BENCH ",
-        timeout,
-    )?;
+/// Runs the benchmark in the VM of `suite`, or reads the console log of an earlier
+/// run (`from_log`), and writes the results, plots and BENCHMARKS.md.
+pub fn run(suite: &str, seconds: u32, rounds: u32, from_log: Option<&Path>) -> Result<()> {
+    let (release, lines) = match from_log {
+        Some(log) => {
+            let text = fs::read_to_string(log).with_context(|| format!("read {}", log.display()))?;
+            let release = text
+                .lines()
+                .find_map(|l| l.strip_prefix("IMQ-VM-BOOTED "))
+                .context("no IMQ-VM-BOOTED line in the log")?
+                .trim()
+                .to_owned();
+            let lines = text
+                .lines()
+                .filter_map(|l| l.strip_prefix("IMQ-BENCH ").map(str::to_owned))
+                .collect();
+            (release, lines)
+        }
+        None => {
+            let (secs, n) = (seconds.to_string(), rounds.to_string());
+            // Each round is 4 setups x (5 s idle + 3 loads), with pauses between.
+            let timeout = Duration::from_secs(600 + u64::from(rounds) * 4 * (15 + 3 * (u64::from(seconds) + 3)) * 2);
+            vm::run_bench(
+                suite,
+                "bufferbloat",
+                &["--seconds", &secs, "--rounds", &n],
+                "IMQ-BENCH ",
+                timeout,
+            )?
+        }
+    };
     let records: Vec<Value> = lines
         .iter()
         .map(|l| serde_json::from_str(l.trim()))
         .collect::<Result<_, _>>()
         .context("a result line of the benchmark")?;
-    if records.len() != SETUPS.len() * (LOADS.len() + 1) {
-        bail!(
-            "expected {} results, got {}",
-            SETUPS.len() * (LOADS.len() + 1),
-            records.len()
-        );
+    let rounds = records
+        .iter()
+        .filter_map(|r| r["round"].as_u64())
+        .max()
+        .map_or(1, |m| m as u32 + 1);
+    let expected = SETUPS.len() * (LOADS.len() + 1) * rounds as usize;
+    if records.len() != expected {
+        bail!("expected {expected} results ({rounds} rounds), got {}", records.len());
     }
     let root = crate::workspace_root();
     let dir = root.join(DIR);
@@ -200,6 +222,11 @@ pub fn section(root: &Path) -> Option<String> {
         s.push_str(&format!("- {}: {what}\n", if met { "**met**" } else { "**missed**" }));
     }
     s.push_str(
+        "\nGoodput is checked with each direction loaded alone. With both at once the upload \
+         also carries the download's ACKs (about 1.5 Mbit/s for 43 Mbit/s of TCP), so every \
+         shaped setup moves less upload data there; `--ack-filter` thins those ACKs.\n",
+    );
+    s.push_str(
         "\nRTT over time in the first round, and its distribution over all rounds, per load \
          (log scale; `bench/bufferbloat/*.svg`):\n\n",
     );
@@ -262,6 +289,8 @@ fn plots(r: &Value, dir: &Path) -> Result<()> {
             .configure_mesh()
             .x_desc("seconds since the load started")
             .y_desc("RTT ms")
+            .light_line_style(TRANSPARENT)
+            .y_label_formatter(&|v| format!("{v:.0}"))
             .draw()
             .map_err(|e| err(&e))?;
         for (i, (name, pts)) in series.iter().enumerate() {
@@ -298,6 +327,8 @@ fn plots(r: &Value, dir: &Path) -> Result<()> {
             .configure_mesh()
             .x_desc("RTT ms")
             .y_desc("fraction of pings")
+            .light_line_style(TRANSPARENT)
+            .x_label_formatter(&|v| format!("{v:.0}"))
             .draw()
             .map_err(|e| err(&e))?;
         for (i, setup) in SETUPS.iter().enumerate() {

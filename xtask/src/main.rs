@@ -61,6 +61,9 @@ enum Task {
         /// Times every setup and load is measured, taking turns
         #[arg(long, default_value_t = 3)]
         rounds: u32,
+        /// Sum up the console log of an earlier run instead of running again
+        #[arg(long, value_name = "LOG")]
+        from_log: Option<PathBuf>,
     },
     /// cargo fmt --check and clippy -D warnings on the host and eBPF crates
     Lint,
@@ -175,7 +178,14 @@ fn main() -> ExitCode {
             kernel,
             seconds,
             rounds,
-        } => build().and_then(|()| bufferbloat::run(&kernel, seconds, rounds)),
+            from_log: Some(log),
+        } => bufferbloat::run(&kernel, seconds, rounds, Some(&log)),
+        Task::VmBench {
+            kernel,
+            seconds,
+            rounds,
+            from_log: None,
+        } => build().and_then(|()| bufferbloat::run(&kernel, seconds, rounds, None)),
         Task::Lint => lint(),
         Task::Bench { render_only: true } => bench::render_saved(),
         Task::Bench { render_only: false } => build().and_then(|()| bench::run()),
