@@ -424,16 +424,28 @@ impl Imq {
         };
         let mut state = State::open(self.bpffs())?.ok_or_else(none)?;
         let old = state.rules()?;
-        let picked =
+        let links = self.nl.links()?;
+        // A shaper's rule is the shaper's: `unshape` removes it with its qdiscs.
+        let shaper_rules: BTreeSet<u32> = self
+            .find_shapers(&links, &self.all_qdiscs()?, &old)?
+            .iter()
+            .filter_map(|f| f.rule.map(|(id, _)| id))
+            .collect();
+        let selected =
             |r: &Rule| r.ifindex == link.index && directions.iter().any(|d| d == r.direction) && selector.selects(r);
-        let removed = old.iter().filter(|(_, r)| picked(r)).count();
+        let picked = |id: u32, r: &Rule| selected(r) && !shaper_rules.contains(&id);
+        let removed = old.iter().filter(|(id, r)| picked(*id, r)).count();
         if removed == 0 {
+            if old.iter().any(|(id, r)| selected(r) && shaper_rules.contains(id)) {
+                return Err(Error::BadShaper(format!(
+                    "the only rule there is {interface}'s shaper: imqctl unshape {interface}"
+                )));
+            }
             return Err(none());
         }
-        let links = self.nl.links()?;
         let new: Vec<(u32, Rule)> = Self::without_gone(&links, &old)
             .into_iter()
-            .filter(|(_, r)| !picked(r))
+            .filter(|(id, r)| !picked(*id, r))
             .collect();
         let compiled = self.compile(&links, &new)?;
         self.transition(&mut state, &links, &old, &new, &compiled)?;

@@ -102,6 +102,23 @@ impl NetNs {
         self.exec("tc", args)
     }
 
+    /// A veth pair: `dev` in this namespace, `peer` in `other`.
+    pub fn veth(&self, dev: &str, other: &NetNs, peer: &str) -> Result<()> {
+        self.ip(&[
+            "link",
+            "add",
+            dev,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            peer,
+            "netns",
+            other.name(),
+        ])?;
+        Ok(())
+    }
+
     /// Spawns a thread that runs `f` inside this namespace (setns affects only the
     /// calling thread; sockets it opens stay in the namespace).
     pub fn spawn<T: Send + 'static>(
@@ -147,18 +164,7 @@ impl Pair {
         let id = unique_id();
         let client = NetNs::new(format!("imq-{tag}-{id}-c"))?;
         let server = NetNs::new(format!("imq-{tag}-{id}-s"))?;
-        client.ip(&[
-            "link",
-            "add",
-            "c0",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "s0",
-            "netns",
-            server.name(),
-        ])?;
+        client.veth("c0", &server, "s0")?;
         let net = id % 250;
         let v4 = |h: u8| format!("198.18.{net}.{h}/24");
         let v6 = |h: u8| format!("2001:db8:{net:x}::{h}/64");
@@ -200,28 +206,13 @@ impl Routed {
         for sysctl in ["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"] {
             router.exec("sysctl", &["-qw", sysctl])?;
         }
-        let link = |ns: &NetNs, dev: &str, peer_ns: &NetNs, peer: &str| -> Result<()> {
-            ns.ip(&[
-                "link",
-                "add",
-                dev,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                peer,
-                "netns",
-                peer_ns.name(),
-            ])?;
-            Ok(())
-        };
         let addr = |ns: &NetNs, dev: &str, v4: &str, v6: &str| -> Result<()> {
             ns.ip(&["addr", "add", v4, "dev", dev])?;
             ns.ip(&["addr", "add", v6, "dev", dev, "nodad"])?;
             ns.ip(&["link", "set", dev, "up"])?;
             Ok(())
         };
-        link(&server, "s0", &router, "rs")?;
+        server.veth("s0", &router, "rs")?;
         addr(&server, "s0", "198.19.0.1/24", "2001:db8:ff::1/64")?;
         addr(&router, "rs", "198.19.0.2/24", "2001:db8:ff::2/64")?;
         server.ip(&["route", "add", "default", "via", "198.19.0.2"])?;
@@ -230,7 +221,7 @@ impl Routed {
         for k in 0..clients {
             let client = NetNs::new(format!("imq-{tag}-{id}-c{k}"))?;
             let r = format!("r{k}");
-            link(&client, "c0", &router, &r)?;
+            client.veth("c0", &router, &r)?;
             addr(
                 &client,
                 "c0",

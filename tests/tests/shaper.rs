@@ -222,6 +222,19 @@ fn shape_with_cake_both_ways_and_unshape() {
     );
     assert_eq!(status["rules"].as_array().unwrap().len(), 1, "{status}");
 
+    // detach leaves the shaper's rule to unshape.
+    refused(
+        s,
+        &["detach", "s0"],
+        1,
+        "the only rule there is s0's shaper: imqctl unshape s0",
+    );
+    s.imqctl_ok(&["attach", "s0", "--proto", "udp", "--dev", "imq5", "--prio", "10"]);
+    let r = s.imqctl(&["detach", "s0"]);
+    assert!(r.code == 0 && r.stderr.contains("removed 1 rule(s)"), "{}", r.stderr);
+    s.imqctl_ok(&["dev", "del", "imq5"]);
+    assert_eq!(shaper(&show(s))["down"], "5mbit");
+
     // export → unshape → apply: the same shaper again.
     let exported = s.imqctl_ok(&["export"]);
     assert!(

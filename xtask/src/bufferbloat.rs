@@ -7,7 +7,10 @@
 use std::{fs, path::Path, time::Duration};
 
 use anyhow::{Context as _, Result, bail};
-use plotters::prelude::*;
+use plotters::{
+    coord::ranged1d::{AsRangedCoord, ValueFormatter},
+    prelude::*,
+};
 use serde_json::{Value, json};
 
 use crate::{bench, vm};
@@ -247,10 +250,77 @@ fn color(i: usize) -> RGBColor {
     ][i % 4]
 }
 
+/// One axis: its description, its range (linear or log) and how its labels read.
+struct Axis<R> {
+    desc: &'static str,
+    range: R,
+    label: fn(&f64) -> String,
+}
+
+fn whole(v: &f64) -> String {
+    format!("{v:.0}")
+}
+
+fn tenths(v: &f64) -> String {
+    format!("{v:.1}")
+}
+
+/// An SVG chart with a line per series and a legend.
+fn chart<X, Y>(
+    path: &Path,
+    caption: &str,
+    x: Axis<X>,
+    y: Axis<Y>,
+    series: &[(&str, Vec<(f64, f64)>)],
+    legend: SeriesLabelPosition,
+) -> Result<()>
+where
+    X: AsRangedCoord<Value = f64>,
+    Y: AsRangedCoord<Value = f64>,
+    X::CoordDescType: Ranged<ValueType = f64> + ValueFormatter<f64>,
+    Y::CoordDescType: Ranged<ValueType = f64> + ValueFormatter<f64>,
+{
+    let err = |e: &dyn std::fmt::Display| anyhow::anyhow!("plot {}: {e}", path.display());
+    let area = SVGBackend::new(path, (900, 420)).into_drawing_area();
+    area.fill(&WHITE).map_err(|e| err(&e))?;
+    let mut chart = ChartBuilder::on(&area)
+        .caption(caption, ("sans-serif", 18))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(55)
+        .build_cartesian_2d(x.range, y.range)
+        .map_err(|e| err(&e))?;
+    chart
+        .configure_mesh()
+        .x_desc(x.desc)
+        .y_desc(y.desc)
+        .light_line_style(TRANSPARENT)
+        .x_label_formatter(&x.label)
+        .y_label_formatter(&y.label)
+        .draw()
+        .map_err(|e| err(&e))?;
+    for (i, (name, pts)) in series.iter().enumerate() {
+        let c = color(i);
+        chart
+            .draw_series(LineSeries::new(pts.iter().copied(), c.stroke_width(2)))
+            .map_err(|e| err(&e))?
+            .label(*name)
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)));
+    }
+    chart
+        .configure_series_labels()
+        .position(legend)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()
+        .map_err(|e| err(&e))?;
+    area.present().map_err(|e| err(&e))
+}
+
+/// Per load: RTT over time in the first round, and the CDF of every round's RTTs.
 fn plots(r: &Value, dir: &Path) -> Result<()> {
-    let err = |e: &dyn std::fmt::Display| anyhow::anyhow!("plot: {e}");
     for load in LOADS {
-        let series: Vec<(&str, Vec<(f64, f64)>)> = SETUPS
+        let over_time: Vec<(&str, Vec<(f64, f64)>)> = SETUPS
             .iter()
             .filter_map(|&setup| {
                 let rec = *records(r, setup, load).first()?;
@@ -262,96 +332,55 @@ fn plots(r: &Value, dir: &Path) -> Result<()> {
                 Some((setup, pts))
             })
             .collect();
-        let max_t = series
+        let cdf: Vec<(&str, Vec<(f64, f64)>)> = SETUPS
+            .iter()
+            .map(|&setup| {
+                let v = rtts(&records(r, setup, load));
+                let n = v.len().max(1) as f64;
+                (
+                    setup,
+                    v.iter().enumerate().map(|(k, &x)| (x, (k + 1) as f64 / n)).collect(),
+                )
+            })
+            .collect();
+        let max_t = over_time
             .iter()
             .flat_map(|(_, p)| p.iter().map(|x| x.0))
             .fold(1.0, f64::max);
-        let max_rtt = series
+        let max_rtt = over_time
             .iter()
             .flat_map(|(_, p)| p.iter().map(|x| x.1))
             .fold(100.0, f64::max)
             * 1.2;
-
-        let path = dir.join(format!("{load}-rtt.svg"));
-        let area = SVGBackend::new(&path, (900, 420)).into_drawing_area();
-        area.fill(&WHITE).map_err(|e| err(&e))?;
-        let mut chart = ChartBuilder::on(&area)
-            .caption(
-                format!("RTT during the {load} load, first round (ping, 10/s)"),
-                ("sans-serif", 18),
-            )
-            .margin(12)
-            .x_label_area_size(40)
-            .y_label_area_size(55)
-            .build_cartesian_2d(0f64..max_t, (10f64..max_rtt).log_scale())
-            .map_err(|e| err(&e))?;
-        chart
-            .configure_mesh()
-            .x_desc("seconds since the load started")
-            .y_desc("RTT ms")
-            .light_line_style(TRANSPARENT)
-            .y_label_formatter(&|v| format!("{v:.0}"))
-            .draw()
-            .map_err(|e| err(&e))?;
-        for (i, (name, pts)) in series.iter().enumerate() {
-            let c = color(i);
-            chart
-                .draw_series(LineSeries::new(pts.iter().copied(), c.stroke_width(2)))
-                .map_err(|e| err(&e))?
-                .label(*name)
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)));
-        }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperRight)
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .draw()
-            .map_err(|e| err(&e))?;
-        area.present().map_err(|e| err(&e))?;
-
-        let path = dir.join(format!("{load}-cdf.svg"));
-        let area = SVGBackend::new(&path, (900, 420)).into_drawing_area();
-        area.fill(&WHITE).map_err(|e| err(&e))?;
-        let mut chart = ChartBuilder::on(&area)
-            .caption(
-                format!("RTT distribution during the {load} load, all rounds after warmup"),
-                ("sans-serif", 18),
-            )
-            .margin(12)
-            .x_label_area_size(40)
-            .y_label_area_size(55)
-            .build_cartesian_2d((10f64..max_rtt).log_scale(), 0f64..1f64)
-            .map_err(|e| err(&e))?;
-        chart
-            .configure_mesh()
-            .x_desc("RTT ms")
-            .y_desc("fraction of pings")
-            .light_line_style(TRANSPARENT)
-            .x_label_formatter(&|v| format!("{v:.0}"))
-            .draw()
-            .map_err(|e| err(&e))?;
-        for (i, setup) in SETUPS.iter().enumerate() {
-            let v = rtts(&records(r, setup, load));
-            let n = v.len().max(1) as f64;
-            let c = color(i);
-            chart
-                .draw_series(LineSeries::new(
-                    v.iter().enumerate().map(|(k, &x)| (x, (k + 1) as f64 / n)),
-                    c.stroke_width(2),
-                ))
-                .map_err(|e| err(&e))?
-                .label(*setup)
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)));
-        }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::LowerRight)
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .draw()
-            .map_err(|e| err(&e))?;
-        area.present().map_err(|e| err(&e))?;
+        let rtt_axis = |desc| Axis {
+            desc,
+            range: (10f64..max_rtt).log_scale(),
+            label: whole,
+        };
+        chart(
+            &dir.join(format!("{load}-rtt.svg")),
+            &format!("RTT during the {load} load, first round (ping, 10/s)"),
+            Axis {
+                desc: "seconds since the load started",
+                range: 0f64..max_t,
+                label: whole,
+            },
+            rtt_axis("RTT ms"),
+            &over_time,
+            SeriesLabelPosition::UpperRight,
+        )?;
+        chart(
+            &dir.join(format!("{load}-cdf.svg")),
+            &format!("RTT distribution during the {load} load, all rounds after warmup"),
+            rtt_axis("RTT ms"),
+            Axis {
+                desc: "fraction of pings",
+                range: 0f64..1f64,
+                label: tenths,
+            },
+            &cdf,
+            SeriesLabelPosition::LowerRight,
+        )?;
     }
     Ok(())
 }

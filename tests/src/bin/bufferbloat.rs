@@ -53,30 +53,8 @@ impl Net {
         let server = NetNs::new(format!("bb-{id}-srv"))?;
         let isp = NetNs::new(format!("bb-{id}-isp"))?;
         let client = NetNs::new(format!("bb-{id}-cli"))?;
-        server.ip(&[
-            "link",
-            "add",
-            "s0",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "i0",
-            "netns",
-            isp.name(),
-        ])?;
-        client.ip(&[
-            "link",
-            "add",
-            "c0",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "i1",
-            "netns",
-            isp.name(),
-        ])?;
+        server.veth("s0", &isp, "i0")?;
+        client.veth("c0", &isp, "i1")?;
         for (ns, dev, addr) in [
             (&server, "s0", "198.18.200.1/24"),
             (&isp, "i0", "198.18.200.2/24"),
