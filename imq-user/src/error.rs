@@ -83,6 +83,9 @@ pub enum Error {
     QdiscInUse(String),
     #[error("no shaper on {0}")]
     NoSuchShaper(String),
+    /// A rule file that cannot be read as a whole, named with its path.
+    #[error("{0}")]
+    Config(String),
     #[error("netlink: {0}")]
     Netlink(String),
     #[error("bpf: {0}")]

@@ -14,6 +14,7 @@ pub mod shaper;
 mod shaping;
 mod state;
 mod sys;
+pub mod watch;
 
 use std::{
     collections::{BTreeSet, HashMap},
@@ -135,6 +136,9 @@ pub struct Imq {
     nl: Netlink,
     /// Whether the kernel has TCX, asked of it once.
     tcx: bool,
+    /// Leave an imq device the admin took down as it is (and record it down)
+    /// instead of bringing it up: `watch` follows the admin's `ip link set down`.
+    leave_down: bool,
 }
 
 /// What a hook needs in the kernel for its rules to see packets.
@@ -192,6 +196,7 @@ impl Imq {
             opts,
             nl: Netlink::new()?,
             tcx: sys::has_tcx(),
+            leave_down: false,
         })
     }
 
@@ -228,6 +233,10 @@ impl Imq {
         let result = (|| {
             for (dev, link) in devs {
                 let link = match link {
+                    Some(l) if !l.up && self.leave_down => {
+                        state.set_device(dev.0, l.index, false)?;
+                        continue;
+                    }
                     Some(l) => {
                         netlink::prepare_imq_device(&l.name);
                         if !l.up {

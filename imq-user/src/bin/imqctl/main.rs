@@ -11,6 +11,7 @@ use imq::{
     rule::{Actions, ClassId, DevName, Directions, Dscp, Mark, Match, PortRange, Prefix, Proto, Selector},
     rulefile,
     shaper::{Diffserv, LinkLayer, Rate, Shaper, ShaperQdisc},
+    watch::{self, Event, Watch},
 };
 
 #[derive(Parser)]
@@ -71,6 +72,14 @@ enum Command {
     },
     /// Print every rule in the format of `apply`
     Export,
+    /// Keep a rule file applied: re-attach its rules when an interface it names comes
+    /// back, re-create deleted imq devices, follow imq devices going down and up;
+    /// SIGHUP reads the file again, SIGTERM exits leaving the data path in place
+    Watch {
+        /// Rule file, as for `apply`
+        #[arg(long, short)]
+        file: PathBuf,
+    },
     /// imq devices, rules in match order, and what each rule queued
     Show {
         /// One JSON object: {"devices": [...], "rules": [...]}
@@ -279,6 +288,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             );
         }
         Command::Export => print!("{}", imq.export()?),
+        Command::Watch { file } => watch(&mut imq, file)?,
         Command::Show { json } => {
             let status = imq.show()?;
             if json {
@@ -311,6 +321,49 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// `imqctl watch`: one line per event on stderr, for the journal.
+fn watch(imq: &mut Imq, file: PathBuf) -> anyhow::Result<()> {
+    let mut w = Watch::new(file.clone())?;
+    let events = watch::events()?;
+    let mut log = |line: String| eprintln!("{line}");
+    let mut pass = |w: &mut Watch, log: &mut dyn FnMut(String)| {
+        if let Err(e) = w.sync(imq, log) {
+            log(format!("error: {e}"));
+        }
+    };
+    log(format!("watching {} (pid {})", file.display(), std::process::id()));
+    pass(&mut w, &mut log);
+    watch::notify("READY=1");
+    loop {
+        let mut event = events.recv()?;
+        let mut reload = false;
+        // A burst of notifications costs one pass.
+        loop {
+            match event {
+                Event::Link => {}
+                Event::Reload => reload = true,
+                Event::Stop(signal) => {
+                    watch::notify("STOPPING=1");
+                    log(format!("{signal}: exiting; the rules stay in place"));
+                    return Ok(());
+                }
+                Event::Failed(why) => anyhow::bail!("{why}"),
+            }
+            match events.try_recv() {
+                Ok(e) => event = e,
+                Err(_) => break,
+            }
+        }
+        if reload {
+            match w.reload() {
+                Ok(()) => log(format!("reloaded {}", file.display())),
+                Err(e) => log(format!("reload refused, the running setup stays: {e}")),
+            }
+        }
+        pass(&mut w, &mut log);
+    }
 }
 
 fn main() -> ExitCode {
