@@ -7,6 +7,7 @@
 mod btf;
 pub mod compile;
 pub mod error;
+pub mod metrics;
 pub mod netlink;
 pub mod rule;
 pub mod rulefile;

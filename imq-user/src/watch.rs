@@ -22,6 +22,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use crate::{
     Imq, Need,
     error::{Error, Result},
+    metrics,
     netlink::{self, Link},
     rule::DevName,
     rulefile::{self, Setup},
@@ -141,6 +142,8 @@ pub struct Watch {
     /// The interfaces of the file as they were at the last apply; `None` until one
     /// succeeded, or after a reload.
     applied: Option<BTreeMap<String, u32>>,
+    /// The imq devices as the last pass saw them: (ifindex, up).
+    devices: BTreeMap<DevName, (u32, bool)>,
 }
 
 impl Watch {
@@ -151,6 +154,7 @@ impl Watch {
             path,
             setup,
             applied: None,
+            devices: BTreeMap::new(),
         })
     }
 
@@ -168,7 +172,7 @@ impl Watch {
     pub fn sync(&mut self, imq: &mut Imq, log: &mut dyn FnMut(String)) -> Result<()> {
         imq.leave_down = true;
         let links = imq.nl.links()?;
-        let deleted = imq.follow_devices(&links, log)?;
+        let deleted = imq.follow_devices(&links, &mut self.devices, log)?;
         let present = presence(&self.setup, &links);
         if !deleted && self.applied.as_ref() == Some(&present) {
             return Ok(());
@@ -214,7 +218,12 @@ impl Imq {
     /// device taken down or up is recorded at once (traffic passes unshaped while
     /// it is down instead of being dropped), and one re-created behind imq's back is
     /// re-registered. Returns whether a device the rules use was deleted.
-    fn follow_devices(&mut self, links: &[Link], log: &mut dyn FnMut(String)) -> Result<bool> {
+    fn follow_devices(
+        &mut self,
+        links: &[Link],
+        seen: &mut BTreeMap<DevName, (u32, bool)>,
+        log: &mut dyn FnMut(String),
+    ) -> Result<bool> {
         let locked = State::lock(self.bpffs())?;
         let Some(mut state) = locked.open()? else {
             return Ok(false);
@@ -244,6 +253,7 @@ impl Imq {
                     ));
                     netlink::prepare_imq_device(&l.name);
                     state.set_device(dev.0, l.index, l.up)?;
+                    seen.insert(dev, (l.index, l.up));
                     let alive = Self::without_gone(links, &rules);
                     for need in crate::needs(&alive, self.tcx) {
                         if matches!(need, Need::Filter { dev: d, .. } if d == dev) {
@@ -251,15 +261,23 @@ impl Imq {
                         }
                     }
                 }
-                Some(l) if l.up != recorded_up => {
-                    state.set_device(dev.0, l.index, l.up)?;
-                    log(if l.up {
-                        format!("{name} is up: shaping its traffic again")
-                    } else {
-                        format!("{name} is down: its traffic passes unshaped until it is up")
-                    });
+                Some(l) => {
+                    if l.up != recorded_up {
+                        state.set_device(dev.0, l.index, l.up)?;
+                    }
+                    // Logged by what this loop saw: where the kernel's device hook
+                    // runs, it has already updated the table.
+                    if seen
+                        .insert(dev, (l.index, l.up))
+                        .is_some_and(|(i, up)| i == l.index && up != l.up)
+                    {
+                        log(if l.up {
+                            format!("{name} is up: shaping its traffic again")
+                        } else {
+                            format!("{name} is down: its traffic passes unshaped until it is up")
+                        });
+                    }
                 }
-                Some(_) => {}
             }
         }
         Ok(deleted)
@@ -284,4 +302,70 @@ pub fn notify(state: &str) {
     if let Ok(addr) = addr {
         let _ = sock.send_to_addr(state.as_bytes(), &addr);
     }
+}
+
+/// Serves the metrics of `show --format prometheus` at `http://addr/metrics` on a
+/// thread of its own, read fresh at each scrape; OpenMetrics text where the scraper
+/// asks for it (`Accept: application/openmetrics-text`). Binds before returning, so
+/// an address in use is refused at start.
+pub fn serve_metrics(addr: std::net::SocketAddr, opts: crate::Options) -> Result<()> {
+    use std::io::{Read as _, Write as _};
+    let listener =
+        std::net::TcpListener::bind(addr).map_err(|e| Error::io(format!("metrics listener on {addr}"), e))?;
+    std::thread::Builder::new()
+        .name("imq-metrics".into())
+        .spawn(move || {
+            let mut imq = None;
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { continue };
+                let _ = stream.set_read_timeout(Some(std::time::Duration::from_secs(5)));
+                let _ = stream.set_write_timeout(Some(std::time::Duration::from_secs(5)));
+                // The request head: a scraper sends a few hundred bytes.
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 8192 {
+                    match stream.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let head = String::from_utf8_lossy(&head);
+                let mut words = head.split_whitespace();
+                let (method, path) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
+                let om = head.lines().any(|l| {
+                    l.to_ascii_lowercase().starts_with("accept:") && l.contains("application/openmetrics-text")
+                });
+                let format = if om {
+                    metrics::Format::OpenMetrics
+                } else {
+                    metrics::Format::Prometheus
+                };
+                let (code, ctype, body) = if method != "GET" && method != "HEAD" {
+                    ("405 Method Not Allowed", "text/plain", "GET /metrics\n".to_owned())
+                } else if path != "/metrics" && !path.starts_with("/metrics?") {
+                    ("404 Not Found", "text/plain", "imq serves /metrics\n".to_owned())
+                } else {
+                    if imq.is_none() {
+                        imq = Imq::new(opts.clone()).ok();
+                    }
+                    match imq.as_mut().map(Imq::show) {
+                        Some(Ok(status)) => ("200 OK", format.content_type(), metrics::render(&status, format)),
+                        Some(Err(e)) => ("500 Internal Server Error", "text/plain", format!("{e}\n")),
+                        None => (
+                            "500 Internal Server Error",
+                            "text/plain",
+                            "cannot open imq\n".to_owned(),
+                        ),
+                    }
+                };
+                let body = if method == "HEAD" { "" } else { body.as_str() };
+                let _ = write!(
+                    stream,
+                    "HTTP/1.1 {code}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+            }
+        })
+        .map_err(|e| Error::io("start the metrics thread", e))?;
+    Ok(())
 }

@@ -61,7 +61,7 @@ pub fn show(ns: &NetNs) -> Value {
     serde_json::from_str(&ns.imqctl_ok(&["show", "-j"])).expect("show -j is JSON")
 }
 
-/// `imqctl show -j` without the per-rule counters: the configuration alone. Counters
+/// `imqctl show -j` without the per-rule and per-qdisc counters: the configuration alone. Counters
 /// move on their own (an MLD report or router solicitation a peer sends after link-up
 /// is selected like any other packet), so "changed nothing" compares this.
 pub fn config(ns: &NetNs) -> Value {
@@ -70,6 +70,20 @@ pub fn config(ns: &NetNs) -> Value {
         let rule = rule.as_object_mut().unwrap();
         rule.remove("packets");
         rule.remove("bytes");
+    }
+    // The qdiscs' counters move with those packets too; their kinds and handles stay.
+    let keep = |q: &mut Value| {
+        if let Some(q) = q.as_object_mut() {
+            q.retain(|k, _| matches!(k.as_str(), "kind" | "handle" | "parent"));
+        }
+    };
+    for d in status["devices"].as_array_mut().unwrap() {
+        d["qdiscs"].as_array_mut().unwrap().iter_mut().for_each(keep);
+    }
+    for s in status["shapers"].as_array_mut().unwrap() {
+        if let Some(upload) = s.get_mut("upload") {
+            keep(upload);
+        }
     }
     status
 }

@@ -28,6 +28,10 @@ struct Watcher {
 
 impl Watcher {
     fn start(ns: &NetNs, config: &str) -> Self {
+        Self::start_with(ns, config, &[])
+    }
+
+    fn start_with(ns: &NetNs, config: &str, extra: &[&str]) -> Self {
         let id = unique_id();
         let file = std::env::temp_dir().join(format!("imq-watch-{}-{id}.toml", ns.name()));
         let log = std::env::temp_dir().join(format!("imq-watch-{}-{id}.log", ns.name()));
@@ -36,6 +40,7 @@ impl Watcher {
         let child = ns
             .command(imqctl.to_str().unwrap())
             .args(["watch", "-f", file.to_str().unwrap()])
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(fs::File::create(&log).unwrap())
@@ -79,13 +84,10 @@ impl Watcher {
         }
     }
 
-    fn signal(&self, sig: &str) {
-        let ok = std::process::Command::new("kill")
-            .args([sig, &self.child.id().to_string()])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "kill {sig}");
+    fn signal(&self, sig: libc::c_int) {
+        // SAFETY: plain kill(2) of our own child.
+        let rc = unsafe { libc::kill(self.child.id() as libc::pid_t, sig) };
+        assert_eq!(rc, 0, "kill {sig}: {}", std::io::Error::last_os_error());
     }
 
     fn rewrite(&self, config: &str) {
@@ -203,7 +205,7 @@ fn watch_follows_interfaces_and_devices_and_leaves_the_rules_on_sigterm() {
     assert!(queued >= 10, "imq0 received {queued} packets for 10 pings");
 
     // SIGTERM: exits 0 and leaves the data path in place.
-    w.signal("-TERM");
+    w.signal(libc::SIGTERM);
     let deadline = Instant::now() + Duration::from_secs(5);
     let status = loop {
         if let Some(st) = w.child.try_wait().unwrap() {
@@ -246,7 +248,7 @@ fn watch_reloads_a_good_file_on_sighup_and_keeps_running_on_a_bad_one() {
     assert_eq!(dports(&show(s)), ["s0 \"5201\""]);
 
     w.rewrite(second);
-    w.signal("-HUP");
+    w.signal(libc::SIGHUP);
     w.wait_for("reloaded ");
     let line = w.wait_for("applied ");
     assert!(line.contains("waiting for s9"), "{line}");
@@ -263,7 +265,7 @@ fn watch_reloads_a_good_file_on_sighup_and_keeps_running_on_a_bad_one() {
     // A bad file is refused with its line, and the running setup stays.
     let export = s.imqctl_ok(&["export"]);
     w.rewrite("[[rule]]\ninterface = \"s0\"\nport = 80\n");
-    w.signal("-HUP");
+    w.signal(libc::SIGHUP);
     let line = w.wait_for("reload refused");
     assert!(line.contains("line 1") || line.contains("line 3"), "{line}");
     assert!(line.contains("port"), "{line}");
@@ -272,7 +274,7 @@ fn watch_reloads_a_good_file_on_sighup_and_keeps_running_on_a_bad_one() {
 
     // Fixed and reloaded: taken.
     w.rewrite(first);
-    w.signal("-HUP");
+    w.signal(libc::SIGHUP);
     w.wait_for("reloaded ");
     w.wait_for("applied ");
     assert_eq!(dports(&show(s)), ["s0 \"5201\""]);
@@ -292,4 +294,67 @@ fn watch_refuses_a_bad_file_at_start_and_changes_nothing() {
     assert!(r.stderr.contains("line 1: invalid mark"), "{}", r.stderr);
     assert!(rules(&show(s)).is_empty());
     assert!(s.ip(&["link", "show", "imq0"]).is_err(), "imq0 was created");
+}
+
+/// One HTTP GET of `path` on the namespace's 127.0.0.1:`port`: (status line, body).
+fn http_get(ns: &NetNs, port: u16, path: &str, accept: &str) -> (String, String) {
+    use std::io::{Read as _, Write as _};
+    let request = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: {accept}\r\n\r\n");
+    let reply = ns
+        .spawn(move || {
+            let mut c = std::net::TcpStream::connect(("127.0.0.1", port))?;
+            c.set_read_timeout(Some(Duration::from_secs(10)))?;
+            c.write_all(request.as_bytes())?;
+            let mut reply = String::new();
+            c.read_to_string(&mut reply)?;
+            Ok(reply)
+        })
+        .join()
+        .unwrap()
+        .unwrap();
+    let (head, body) = reply.split_once("\r\n\r\n").expect("an HTTP reply");
+    (head.to_owned(), body.to_owned())
+}
+
+#[test]
+fn watch_serves_metrics_that_prometheus_can_scrape() {
+    require_root();
+    let pair = Pair::new("wmet").unwrap();
+    let s = &pair.server;
+    let mut w = Watcher::start_with(
+        s,
+        "[[rule]]\ninterface = \"s0\"\nproto = \"icmp\"\n",
+        &["--metrics", "127.0.0.1:9464"],
+    );
+    w.wait_for("applied ");
+    assert_eq!(ping(&pair.client, &pair.server_v4(), 15), 15);
+
+    let (head, body) = http_get(s, 9464, "/metrics", "text/plain");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(head.contains("text/plain; version=0.0.4"), "{head}");
+    let scrape = prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_owned()))).unwrap();
+    let packets = scrape
+        .samples
+        .iter()
+        .find(|x| x.metric == "imq_rule_packets_total" && x.labels.get("interface") == Some("s0"))
+        .map(|x| x.value.clone());
+    assert_eq!(packets, Some(prometheus_parse::Value::Counter(15.0)), "{body}");
+
+    // A scraper that asks for OpenMetrics gets it.
+    let (head, body) = http_get(
+        s,
+        9464,
+        "/metrics",
+        "application/openmetrics-text; version=1.0.0,text/plain;q=0.5",
+    );
+    assert!(head.contains("application/openmetrics-text; version=1.0.0"), "{head}");
+    assert!(body.ends_with("# EOF\n"), "{body}");
+    let (head, _) = http_get(s, 9464, "/", "*/*");
+    assert!(head.starts_with("HTTP/1.1 404"), "{head}");
+
+    // An address that is taken is refused at start, in one line.
+    let r = s.imqctl(&["watch", "-f", "/dev/null", "--metrics", "127.0.0.1:9464"]);
+    assert_ne!(r.code, 0);
+    assert_eq!(r.stderr.lines().count(), 1, "{}", r.stderr);
+    assert!(r.stderr.contains("127.0.0.1:9464"), "{}", r.stderr);
 }

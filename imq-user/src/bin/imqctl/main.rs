@@ -7,7 +7,7 @@ use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Args, Parser, Subcommand};
 use imq::{
-    AttachRequest, Attached, DEFAULT_TXQUEUELEN, Imq, Options,
+    AttachRequest, Attached, DEFAULT_TXQUEUELEN, Imq, Options, metrics,
     rule::{Actions, ClassId, DevName, Directions, Dscp, Mark, Match, PortRange, Prefix, Proto, Selector},
     rulefile,
     shaper::{Diffserv, LinkLayer, Rate, Shaper, ShaperQdisc},
@@ -79,12 +79,20 @@ enum Command {
         /// Rule file, as for `apply`
         #[arg(long, short)]
         file: PathBuf,
+        /// Serve `show --format prometheus` (or openmetrics, by the Accept header) at
+        /// http://ADDR/metrics, e.g. 127.0.0.1:9464
+        #[arg(long, value_name = "ADDR")]
+        metrics: Option<std::net::SocketAddr>,
     },
     /// imq devices, rules in match order, and what each rule queued
     Show {
-        /// One JSON object: {"devices": [...], "rules": [...]}
-        #[arg(long, short)]
+        /// One JSON object: {"devices": [...], "rules": [...], "shapers": [...]} (--format json)
+        #[arg(long, short, conflicts_with = "format")]
         json: bool,
+        /// text; json; prometheus (text format 0.0.4, for node_exporter's textfile
+        /// collector); openmetrics (OpenMetrics 1.0 text)
+        #[arg(long, default_value = "text", value_parser = ["text", "json", "prometheus", "openmetrics"])]
+        format: String,
     },
     /// Fix bufferbloat on a WAN link: shape what it receives (in an imq device) and
     /// what it sends (on the interface) a little below the line's rates
@@ -231,7 +239,8 @@ fn one_line(err: &clap::Error) -> String {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
-    let mut imq = Imq::new(Options { bpffs: cli.bpffs })?;
+    let opts = Options { bpffs: cli.bpffs };
+    let mut imq = Imq::new(opts.clone())?;
     match cli.command {
         Command::Attach {
             interface,
@@ -288,13 +297,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             );
         }
         Command::Export => print!("{}", imq.export()?),
-        Command::Watch { file } => watch(&mut imq, file)?,
-        Command::Show { json } => {
+        Command::Watch { file, metrics } => watch(&mut imq, file, metrics.map(|a| (a, opts.clone())))?,
+        Command::Show { json, format } => {
             let status = imq.show()?;
-            if json {
-                println!("{}", serde_json::to_string(&status)?);
-            } else {
-                print!("{}", show::render(&status));
+            match (json, format.as_str()) {
+                (true, _) | (_, "json") => println!("{}", serde_json::to_string(&status)?),
+                (_, "prometheus") => print!("{}", metrics::render(&status, metrics::Format::Prometheus)),
+                (_, "openmetrics") => print!("{}", metrics::render(&status, metrics::Format::OpenMetrics)),
+                _ => print!("{}", show::render(&status)),
             }
         }
         Command::Shape(args) => {
@@ -324,8 +334,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 /// `imqctl watch`: one line per event on stderr, for the journal.
-fn watch(imq: &mut Imq, file: PathBuf) -> anyhow::Result<()> {
+fn watch(imq: &mut Imq, file: PathBuf, metrics: Option<(std::net::SocketAddr, Options)>) -> anyhow::Result<()> {
     let mut w = Watch::new(file.clone())?;
+    if let Some((addr, opts)) = metrics {
+        watch::serve_metrics(addr, opts)?;
+        eprintln!("serving metrics at http://{addr}/metrics");
+    }
     let events = watch::events()?;
     let mut log = |line: String| eprintln!("{line}");
     let mut pass = |w: &mut Watch, log: &mut dyn FnMut(String)| {
