@@ -1,8 +1,9 @@
-//! Project tasks: `cargo xtask setup | build | run | test | lint`.
+//! Project tasks: `cargo xtask setup | build | run | test | vm-test | vm-bench | lint | bench | dist`.
 
 mod bench;
 mod bufferbloat;
 mod demo;
+mod dist;
 mod setup;
 mod vm;
 
@@ -67,6 +68,9 @@ enum Task {
     },
     /// cargo fmt --check and clippy -D warnings on the host and eBPF crates
     Lint,
+    /// Build the Debian package: target/dist/imq_VERSION_ARCH.deb (imqctl, imq.service,
+    /// /etc/imq/imq.toml, man pages, completions)
+    Dist,
     /// Measure imq beside no imq and the classic ifb setup; writes BENCHMARKS.md (root)
     Bench {
         /// Only write BENCHMARKS.md again from bench/results.json
@@ -108,10 +112,13 @@ fn build() -> Result<()> {
 
 fn test(filter: Option<String>) -> Result<()> {
     build()?;
+    // The package test checks what `cargo xtask dist` builds.
+    let deb = dist::package()?;
     let mut cmd = cargo();
     // Every test binary runs, also after one has failed.
     cmd.args(["test", "--release", "--no-fail-fast"])
-        .env("IMQCTL", imqctl_path());
+        .env("IMQCTL", imqctl_path())
+        .env("IMQ_DEB", deb);
     // Throughput tests share two cores: one at a time keeps their figures honest.
     cmd.args(["--", "--test-threads=1"]);
     cmd.args(filter);
@@ -187,6 +194,10 @@ fn main() -> ExitCode {
             from_log: None,
         } => build().and_then(|()| bufferbloat::run(&kernel, seconds, rounds, None)),
         Task::Lint => lint(),
+        Task::Dist => build().and_then(|()| {
+            println!("built {}", dist::package()?.display());
+            Ok(())
+        }),
         Task::Bench { render_only: true } => bench::render_saved(),
         Task::Bench { render_only: false } => build().and_then(|()| bench::run()),
     };

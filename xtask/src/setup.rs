@@ -15,7 +15,7 @@ use crate::run;
 /// The bpf-linker release that builds with the toolchains here (KERNEL-FACTS §9).
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
-/// Commands the tests and the demo run, and the Debian package of each.
+/// Commands the tests, the demo and the package build run, and the Debian package of each.
 const TOOLS: &[(&str, &str)] = &[
     ("ip", "iproute2"),
     ("tc", "iproute2"),
@@ -23,6 +23,11 @@ const TOOLS: &[(&str, &str)] = &[
     ("ping", "iputils-ping"),
     ("iptables", "iptables"),
     ("nft", "nftables"),
+    // `cargo xtask dist`
+    ("dpkg-deb", "dpkg"),
+    ("objcopy", "binutils"),
+    ("objdump", "binutils"),
+    ("gzip", "gzip"),
 ];
 
 fn cargo_home() -> PathBuf {

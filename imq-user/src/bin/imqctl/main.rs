@@ -5,7 +5,7 @@ mod show;
 
 use std::{path::PathBuf, process::ExitCode};
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory as _, Parser, Subcommand};
 use imq::{
     AttachRequest, Attached, DEFAULT_TXQUEUELEN, Imq, Options, metrics,
     rule::{Actions, ClassId, DevName, Directions, Dscp, Mark, Match, PortRange, Prefix, Proto, Selector},
@@ -18,7 +18,16 @@ use imq::{
 #[command(
     name = "imqctl",
     version,
-    about = "Intermediate queueing devices for Linux, without a kernel patch"
+    about = "Intermediate queueing devices for Linux, without a kernel patch",
+    after_long_help = "Examples:
+  imqctl shape eth0 --down 45mbit --up 9mbit      fix bufferbloat on a WAN link
+  imqctl attach eth0                              queue what eth0 receives in imq0
+  tc qdisc add dev imq0 root cake bandwidth 45mbit ingress
+  imqctl attach eth1 --dev imq0 --mark 0x10/0xff  one limit over several interfaces
+  imqctl show                                     devices, rules and their counters
+  imqctl watch -f /etc/imq/imq.toml               keep a setup across reboots and hotplug
+
+Each command changes nothing when it fails, and says why in one line."
 )]
 struct Cli {
     /// bpffs directory for imq's pinned state [default: /sys/fs/bpf, mounted if needed]
@@ -75,6 +84,11 @@ enum Command {
     /// Keep a rule file applied: re-attach its rules when an interface it names comes
     /// back, re-create deleted imq devices, follow imq devices going down and up;
     /// SIGHUP reads the file again, SIGTERM exits leaving the data path in place
+    #[command(after_long_help = "Signals:
+  SIGHUP   read the file again; a file with an error is refused and the running setup stays
+  SIGTERM  exit; the rules and imq devices stay in place (imqctl flush removes them)
+
+One line per event on stderr. imq.service runs it at boot with /etc/imq/imq.toml.")]
     Watch {
         /// Rule file, as for `apply`
         #[arg(long, short)]
@@ -106,6 +120,14 @@ enum Command {
     },
     /// Remove every rule and program imq attached in this network namespace
     Flush,
+    /// Print a completion script: bash, zsh, fish, elvish or powershell
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write imqctl's man pages (section 8) into DIR
+    #[command(hide = true)]
+    Manpages { dir: PathBuf },
 }
 
 #[derive(Subcommand)]
@@ -329,8 +351,31 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let n = imq.flush()?;
             eprintln!("removed {n} rule(s)");
         }
+        Command::Completions { .. } | Command::Manpages { .. } => unreachable!("handled without privileges"),
     }
     Ok(())
+}
+
+/// One page for imqctl and one per subcommand (imqctl-attach.8, ...).
+fn manpages(dir: &std::path::Path) -> anyhow::Result<()> {
+    fn write(cmd: &clap::Command, dir: &std::path::Path) -> anyhow::Result<()> {
+        for sub in cmd
+            .get_subcommands()
+            .filter(|s| !s.is_hide_set() && s.get_name() != "help")
+        {
+            write(sub, dir)?;
+        }
+        // Built, a subcommand is named imqctl-attach (file) and `imqctl attach` (usage).
+        clap_mangen::Man::new(cmd.clone())
+            .section("8")
+            .manual("imq")
+            .generate_to(dir)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
+        Ok(())
+    }
+    let mut cmd = Cli::command();
+    cmd.build();
+    write(&cmd, dir)
 }
 
 /// `imqctl watch`: one line per event on stderr, for the journal.
@@ -393,7 +438,18 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match run(cli) {
+    // What needs neither root nor the kernel.
+    let done = match &cli.command {
+        Command::Completions { shell } => {
+            let mut script = Vec::new();
+            clap_complete::generate(*shell, &mut Cli::command(), "imqctl", &mut script);
+            use std::io::Write as _;
+            Some(std::io::stdout().write_all(&script).map_err(Into::into))
+        }
+        Command::Manpages { dir } => Some(manpages(dir)),
+        _ => None,
+    };
+    match done.unwrap_or_else(|| run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("imqctl: {e}");
