@@ -6,6 +6,7 @@
 
 mod btf;
 pub mod compile;
+mod devices;
 pub mod error;
 pub mod metrics;
 pub mod netlink;
@@ -486,8 +487,22 @@ impl Imq {
         if wanted.len() > MAX_RULES as usize {
             return Err(Error::TooManyRules(MAX_RULES));
         }
+        for d in &setup.devices {
+            self.existing_dev(d.name).map_err(|e| Error::RuleFile {
+                line: d.line,
+                message: e.to_string(),
+            })?;
+        }
         let locked = State::lock(self.bpffs())?;
         let mut state = locked.open_or_create()?;
+        // The devices first: ready before the rules send them traffic.
+        self.check_devices(&links, &state.device_setups()?, &setup.devices)?;
+        self.apply_devices(&mut state, &links, &setup.devices)?;
+        let links = if setup.devices.is_empty() {
+            links
+        } else {
+            self.nl.links()?
+        };
         let old = state.rules()?;
         let found = self.find_shapers(&links, &self.all_qdiscs()?, &old)?;
         let shapers: Vec<Shaper> = setup.shapers.iter().map(|(_, s)| s.clone()).collect();
@@ -497,9 +512,9 @@ impl Imq {
     /// Every rule and shaper, in the rule file format of `apply`.
     pub fn export(&mut self) -> Result<String> {
         let links = self.nl.links()?;
-        let rules = match State::open(self.bpffs())? {
-            Some(mut state) => state.rules()?,
-            None => Vec::new(),
+        let (rules, devices) = match State::open(self.bpffs())? {
+            Some(mut state) => (state.rules()?, Self::device_entries(&state)?),
+            None => (Vec::new(), Vec::new()),
         };
         let found = self.find_shapers(&links, &self.all_qdiscs()?, &rules)?;
         let (mut base, shapers) = Self::split(&links, &rules, &found);
@@ -508,7 +523,7 @@ impl Imq {
             .into_iter()
             .filter_map(|r| Some((links.iter().find(|l| l.index == r.ifindex)?.name.clone(), r)))
             .collect();
-        Ok(rulefile::render(&named, &shapers))
+        Ok(rulefile::render(&named, &shapers, &devices))
     }
 
     pub fn show(&mut self) -> Result<Status> {

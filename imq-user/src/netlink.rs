@@ -176,6 +176,18 @@ impl Netlink {
         })
     }
 
+    pub fn set_txqueuelen(&self, index: u32, txqueuelen: u32) -> Result<()> {
+        self.rt.block_on(async {
+            let msg = LinkUnspec::new_with_index(index).txqueuelen(txqueuelen).build();
+            self.handle
+                .link()
+                .set(msg)
+                .execute()
+                .await
+                .map_err(|e| nl_err("set txqueuelen", e))
+        })
+    }
+
     pub fn del_link(&self, index: u32) -> Result<()> {
         self.rt.block_on(async {
             self.handle

@@ -14,6 +14,14 @@
 //! down = "45mbit"
 //! up = "9mbit"
 //! overhead = 18
+//!
+//! [[device]]                # an imq device and its qdiscs, as tc commands
+//! name = "imq0"
+//! txqueuelen = 1000
+//! qdisc = [
+//!   "qdisc add root handle 1: htb default 20",
+//!   "class add parent 1: classid 1:10 htb rate 10mbit",
+//! ]
 //! ```
 
 use std::{collections::HashMap, fmt::Write as _};
@@ -39,11 +47,114 @@ pub struct FileRule {
     pub actions: Actions,
 }
 
-/// A whole file: rules and shapers (each shaper with the line it starts on).
+/// A whole file: rules, shapers and imq devices (shapers and devices with the line
+/// they start on).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Setup {
     pub rules: Vec<FileRule>,
     pub shapers: Vec<(usize, Shaper)>,
+    pub devices: Vec<FileDevice>,
+}
+
+/// One `[[device]]`: an imq device imq creates (or adopts) and keeps, with the
+/// qdiscs, classes and filters of its `qdisc` lines: tc commands without `tc` and
+/// without `dev` (imq adds `dev NAME`), run in order by `tc -batch`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FileDevice {
+    pub line: usize,
+    pub name: DevName,
+    pub txqueuelen: u32,
+    pub qdisc: Vec<String>,
+}
+
+/// Most bytes of `qdisc` lines a device may have (what imq keeps of them, to tell a
+/// change and to export them): a few hundred classes. Larger setups belong in a
+/// `tc -batch` file of their own.
+pub const MAX_QDISC_SETUP: usize = 32 * 1024 - 16;
+
+impl FileDevice {
+    /// Checks one `qdisc` line: a tc qdisc, class or filter command that adds,
+    /// replaces or changes, without `dev`.
+    fn check_line(name: DevName, n: usize, line: &str) -> Result<String> {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let bad = |why: String| Error::Config(format!("{name} qdisc line {n}: {why}"));
+        match words.as_slice() {
+            [object, verb, _, ..]
+                if ["qdisc", "class", "filter"].contains(object) && ["add", "replace", "change"].contains(verb) => {}
+            _ => {
+                return Err(bad(format!(
+                    "'{line}' is not a tc command imq runs: qdisc|class|filter add|replace|change ..."
+                )));
+            }
+        }
+        if words.contains(&"dev") {
+            return Err(bad(format!("leave out dev: imq adds dev {name}")));
+        }
+        if line.contains(['\n', ';', '#']) {
+            return Err(bad("one command per line, without ; or #".into()));
+        }
+        Ok(words.join(" "))
+    }
+
+    /// The lines as `tc -batch` takes them, with `dev NAME` after the verb.
+    pub fn batch(name: &str, lines: &[String]) -> String {
+        let mut out = String::new();
+        for l in lines {
+            let mut words = l.split_whitespace();
+            let (object, verb) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
+            let rest: Vec<&str> = words.collect();
+            let _ = writeln!(out, "{object} {verb} dev {name} {}", rest.join(" "));
+        }
+        out
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDevice {
+    name: String,
+    txqueuelen: Option<i64>,
+    #[serde(default)]
+    qdisc: Vec<String>,
+}
+
+impl RawDevice {
+    fn check(self, line: usize) -> Result<FileDevice> {
+        let name: DevName = self.name.parse()?;
+        let txqueuelen = match self.txqueuelen {
+            None => crate::DEFAULT_TXQUEUELEN,
+            Some(q) => match u32::try_from(q) {
+                Ok(q) if q > 0 => q,
+                _ => {
+                    return Err(Error::Invalid {
+                        what: "txqueuelen",
+                        input: q.to_string(),
+                        reason: "expected 1 to 4294967295 (1000 or more: ifb's default of 32 drops bursts)",
+                    });
+                }
+            },
+        };
+        let qdisc = self
+            .qdisc
+            .iter()
+            .enumerate()
+            .map(|(i, l)| FileDevice::check_line(name, i + 1, l))
+            .collect::<Result<Vec<_>>>()?;
+        let size: usize = qdisc.iter().map(|l| l.len() + 1).sum();
+        if size > MAX_QDISC_SETUP {
+            return Err(Error::Invalid {
+                what: "qdisc setup",
+                input: format!("of {name} ({size} bytes)"),
+                reason: "at most 32 KiB: run a larger one with tc -batch after imq has created the device",
+            });
+        }
+        Ok(FileDevice {
+            line,
+            name,
+            txqueuelen,
+            qdisc,
+        })
+    }
 }
 
 #[derive(Deserialize)]
@@ -53,6 +164,8 @@ struct File {
     rule: Vec<Spanned<RawRule>>,
     #[serde(default)]
     shaper: Vec<Spanned<RawShaper>>,
+    #[serde(default)]
+    device: Vec<Spanned<RawDevice>>,
 }
 
 #[derive(Deserialize)]
@@ -209,7 +322,37 @@ pub fn parse_setup(text: &str) -> Result<Setup> {
         }
         shapers.push((line, shaper));
     }
-    Ok(Setup { rules, shapers })
+    let mut devices: Vec<FileDevice> = Vec::new();
+    for spanned in file.device {
+        let line = lines.line_of(spanned.span().start);
+        let device = spanned.into_inner().check(line).map_err(at(line))?;
+        if let Some(other) = devices.iter().find(|d| d.name == device.name) {
+            return Err(Error::RuleFile {
+                line,
+                message: format!("{} again (it is on line {})", device.name, other.line),
+            });
+        }
+        if let Some((_, s)) = shapers
+            .iter()
+            .find(|(_, s)| s.dev == Some(device.name) && s.down.is_some())
+        {
+            if !device.qdisc.is_empty() {
+                return Err(Error::RuleFile {
+                    line,
+                    message: format!(
+                        "{} is the download device of {}'s shaper, which sets its qdisc",
+                        device.name, s.interface
+                    ),
+                });
+            }
+        }
+        devices.push(device);
+    }
+    Ok(Setup {
+        rules,
+        shapers,
+        devices,
+    })
 }
 
 /// The rules of a rule file ([`parse_setup`] without the shapers).
@@ -307,10 +450,24 @@ pub fn plan(rules: &[FileRule], ifindex: impl Fn(&str) -> Result<u32>) -> Result
     Ok(planned)
 }
 
-/// The rules (with their interface names) and shapers as a rule file `parse_setup`
-/// reads back.
-pub fn render(rules: &[(String, Rule)], shapers: &[Shaper]) -> String {
+/// The rules (with their interface names), shapers and devices as a rule file
+/// `parse_setup` reads back.
+pub fn render(rules: &[(String, Rule)], shapers: &[Shaper], devices: &[FileDevice]) -> String {
     let mut out = String::from("# imq rule set: imqctl apply -f FILE\n");
+    for d in devices {
+        let _ = write!(
+            out,
+            "\n[[device]]\nname = \"{}\"\ntxqueuelen = {}\n",
+            d.name, d.txqueuelen
+        );
+        if !d.qdisc.is_empty() {
+            out.push_str("qdisc = [\n");
+            for l in &d.qdisc {
+                let _ = writeln!(out, "  {},", quote(l));
+            }
+            out.push_str("]\n");
+        }
+    }
     for s in shapers {
         let _ = write!(out, "\n[[shaper]]\ninterface = {}\n", quote(&s.interface));
         let strings = [
@@ -514,7 +671,7 @@ mod tests {
         assert_eq!((s.overhead, s.mpu, s.dev), (Some(-4), Some(64), Some(DevName(3))));
         assert_eq!((s.link_layer, s.diffserv), (LinkLayer::Ptm, Diffserv::Diffserv4));
         assert!(s.nat && s.ack_filter && !s.wash);
-        let again = parse_setup(&render(&[], std::slice::from_ref(s))).unwrap();
+        let again = parse_setup(&render(&[], std::slice::from_ref(s), &[])).unwrap();
         assert_eq!(again.shapers[0].1, *s);
     }
 
@@ -557,10 +714,69 @@ mod tests {
             matches: r.matches,
             actions: r.actions,
         };
-        let again = parse(&render(&[("eth0".to_owned(), rule)], &[])).unwrap();
+        let again = parse(&render(&[("eth0".to_owned(), rule)], &[], &[])).unwrap();
         assert_eq!(again[0].matches, r.matches);
         assert_eq!(again[0].actions, r.actions);
         assert_eq!((again[0].prio, again[0].dev), (Some(7), DevName(1)));
         assert_eq!(again[0].directions, Directions::Egress);
+    }
+
+    #[test]
+    fn devices_parse_check_their_lines_and_round_trip() {
+        let text = "[[device]]\nname = \"imq2\"\ntxqueuelen = 3000\nqdisc = [\"qdisc add root handle 1:  htb\", \"class add parent 1: classid 1:1 htb rate 1mbit\"]\n";
+        let setup = parse_setup(text).unwrap();
+        let d = &setup.devices[0];
+        assert_eq!((d.line, d.name, d.txqueuelen), (1, DevName(2), 3000));
+        assert_eq!(d.qdisc[0], "qdisc add root handle 1: htb");
+        assert_eq!(
+            FileDevice::batch("imq2", &d.qdisc),
+            "qdisc add dev imq2 root handle 1: htb\nclass add dev imq2 parent 1: classid 1:1 htb rate 1mbit\n"
+        );
+        let again = parse_setup(&render(&[], &[], &setup.devices)).unwrap().devices;
+        assert_eq!(again[0], FileDevice { line: 3, ..d.clone() });
+        assert_eq!(
+            parse_setup("[[device]]\nname = \"imq0\"\n").unwrap().devices[0].txqueuelen,
+            1000
+        );
+
+        for (text, line, says) in [
+            ("[[device]]\nname = \"eth0\"\n", 1, "invalid imq device name"),
+            ("\n[[device]]\nname = \"imq1\"\ntxqueuelen = 0\n", 2, "txqueuelen"),
+            (
+                "[[device]]\nname = \"imq1\"\nqdisc = [\"qdisc del root\"]\n",
+                1,
+                "not a tc command imq runs",
+            ),
+            (
+                "[[device]]\nname = \"imq1\"\nqdisc = [\"qdisc add dev imq1 root htb\"]\n",
+                1,
+                "leave out dev",
+            ),
+            (
+                "[[device]]\nname = \"imq1\"\nqdisc = [\"qdisc add root htb; qdisc del root\"]\n",
+                1,
+                "one command per line",
+            ),
+            (
+                "[[device]]\nname = \"imq1\"\n[[device]]\nname = \"imq1\"\n",
+                3,
+                "imq1 again (it is on line 1)",
+            ),
+            ("[[device]]\nname = \"imq1\"\nqueues = 2\n", 3, "unknown field `queues`"),
+            (
+                "[[shaper]]\ninterface = \"eth0\"\ndown = \"10mbit\"\ndev = \"imq1\"\n[[device]]\nname = \"imq1\"\nqdisc = [\"qdisc add root sfq\"]\n",
+                5,
+                "shaper, which sets its qdisc",
+            ),
+        ] {
+            let (l, message) = err(text);
+            assert_eq!(l, line, "{text}: {message}");
+            assert!(message.contains(says), "{text}: {message}");
+        }
+        let huge = format!(
+            "[[device]]\nname = \"imq1\"\nqdisc = [{}]\n",
+            vec!["\"class add parent 1: classid 1:1 htb rate 1mbit ceil 2mbit\""; 1000].join(",")
+        );
+        assert!(err(&huge).1.contains("at most 32 KiB"));
     }
 }

@@ -119,6 +119,51 @@ impl HookConstants {
     }
 }
 const LINK_PREFIX: &str = "link_";
+/// The `[[device]]` qdisc setups imq applied, per imq device number: a map of its
+/// own (not in the eBPF object: no program reads it), created on first use.
+const DEVICE_SETUPS: &str = "device_setups";
+/// One setup: the ifindex it was applied to, its txqueuelen, the length of its
+/// text, the `qdisc` lines joined by newlines.
+const SETUP_BYTES: usize = 32 * 1024;
+type SetupRecord = [u8; SETUP_BYTES];
+
+/// A `[[device]]` setup as imq applied it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeviceSetup {
+    pub ifindex: u32,
+    pub txqueuelen: u32,
+    pub qdisc: Vec<String>,
+}
+
+impl DeviceSetup {
+    fn encode(&self) -> Result<Box<SetupRecord>> {
+        let text = self.qdisc.join("\n");
+        if text.len() > SETUP_BYTES - 12 {
+            return Err(Error::Config(format!(
+                "the qdisc setup is {} bytes, at most {}",
+                text.len(),
+                SETUP_BYTES - 12
+            )));
+        }
+        let mut r = Box::new([0u8; SETUP_BYTES]);
+        r[0..4].copy_from_slice(&self.ifindex.to_ne_bytes());
+        r[4..8].copy_from_slice(&self.txqueuelen.to_ne_bytes());
+        r[8..12].copy_from_slice(&(text.len() as u32).to_ne_bytes());
+        r[12..12 + text.len()].copy_from_slice(text.as_bytes());
+        Ok(r)
+    }
+
+    fn decode(r: &SetupRecord) -> Self {
+        let word = |i: usize| u32::from_ne_bytes(r[i..i + 4].try_into().unwrap_or_default());
+        let len = (word(8) as usize).min(SETUP_BYTES - 12);
+        let text = String::from_utf8_lossy(&r[12..12 + len]);
+        Self {
+            ifindex: word(0),
+            txqueuelen: word(4),
+            qdisc: text.lines().filter(|l| !l.is_empty()).map(str::to_owned).collect(),
+        }
+    }
+}
 
 fn link_pin_name(direction: Direction, ifindex: u32) -> String {
     format!("{LINK_PREFIX}{direction}_{ifindex}")
@@ -526,6 +571,67 @@ impl State {
         self.devices_map()?
             .set(dev, Device { ifindex, flags }, 0)
             .map_err(|e| Error::bpf("write device table", e))
+    }
+
+    /// The setups map: opened from its pin, or created and pinned when `create`.
+    fn setups_map(&self, create: bool) -> Result<Option<HashMap<MapData, u32, SetupRecord>>> {
+        let pin = self.dir.join(DEVICE_SETUPS);
+        if pin.exists() {
+            let data = MapData::from_pin(&pin).map_err(|e| Error::bpf("open device setups", e))?;
+            let map = aya::maps::Map::from_map_data(data).map_err(|e| Error::bpf("device setups", e))?;
+            // Refuses a pin of another type or size.
+            return HashMap::try_from(map)
+                .map(Some)
+                .map_err(|e| Error::bpf("device setups", e));
+        }
+        if !create {
+            return Ok(None);
+        }
+        // Entries are allocated as they are written: a setup costs only its device.
+        const BPF_F_NO_PREALLOC: u32 = 1;
+        let map = HashMap::<MapData, u32, SetupRecord>::create(imq_common::MAX_DEVICES, BPF_F_NO_PREALLOC)
+            .map_err(|e| Error::bpf("create device setups", e))?;
+        map.pin(&pin).map_err(|e| Error::bpf("pin device setups", e))?;
+        let data = MapData::from_pin(&pin).map_err(|e| Error::bpf("open device setups", e))?;
+        let map = aya::maps::Map::from_map_data(data).map_err(|e| Error::bpf("device setups", e))?;
+        HashMap::try_from(map)
+            .map(Some)
+            .map_err(|e| Error::bpf("device setups", e))
+    }
+
+    /// The `[[device]]` setups imq applied, by imq device number.
+    pub fn device_setups(&self) -> Result<Vec<(u32, DeviceSetup)>> {
+        let Some(map) = self.setups_map(false)? else {
+            return Ok(Vec::new());
+        };
+        let mut out = Vec::new();
+        for item in map.iter() {
+            let (dev, record) = item.map_err(|e| Error::bpf("read device setups", e))?;
+            out.push((dev, DeviceSetup::decode(&record)));
+        }
+        out.sort_by_key(|(d, _)| *d);
+        Ok(out)
+    }
+
+    /// Records (or, with `None`, forgets) the setup of imq device number `dev`.
+    pub fn set_device_setup(&self, dev: u32, setup: Option<&DeviceSetup>) -> Result<()> {
+        match setup {
+            Some(s) => {
+                let record = s.encode()?;
+                let Some(mut map) = self.setups_map(true)? else {
+                    return Err(Error::Bpf("device setups: map missing".into()));
+                };
+                map.insert(dev, *record, 0)
+                    .map_err(|e| Error::bpf("write device setups", e))
+            }
+            None => match self.setups_map(false)? {
+                Some(mut map) => match map.remove(&dev) {
+                    Err(e) if !is_not_found(&e) => Err(Error::bpf("write device setups", e)),
+                    _ => Ok(()),
+                },
+                None => Ok(()),
+            },
+        }
     }
 
     /// A pinned program, loaded and pinned on first use.

@@ -132,6 +132,7 @@ fn present_part(setup: &Setup, present: &BTreeMap<String, u32>) -> Setup {
             .filter(|(_, s)| here(&s.interface))
             .cloned()
             .collect(),
+        devices: setup.devices.clone(),
     }
 }
 
@@ -217,7 +218,8 @@ impl Imq {
     /// Brings the device table in line with the imq devices the rules use: a
     /// device taken down or up is recorded at once (traffic passes unshaped while
     /// it is down instead of being dropped), and one re-created behind imq's back is
-    /// re-registered. Returns whether a device the rules use was deleted.
+    /// re-registered. Returns whether a device the rules or a `[[device]]` use was
+    /// deleted or re-created with its qdiscs gone: the file must be applied again.
     fn follow_devices(
         &mut self,
         links: &[Link],
@@ -229,7 +231,9 @@ impl Imq {
             return Ok(false);
         };
         let rules = state.rules()?;
+        let setups = state.device_setups()?;
         let mut devs: Vec<DevName> = rules.iter().map(|(_, r)| r.dev).collect();
+        devs.extend(setups.iter().map(|(n, _)| DevName(*n)));
         devs.sort_unstable();
         devs.dedup();
         let mut deleted = false;
@@ -246,6 +250,15 @@ impl Imq {
                     deleted = true;
                 }
                 None => deleted = true,
+                // Re-created with its qdiscs gone: `apply` sets it up again.
+                Some(l) if setups.iter().any(|(n, s)| *n == dev.0 && s.ifindex != l.index) => {
+                    log(format!(
+                        "{name} was re-created (ifindex {}): setting it up again",
+                        l.index
+                    ));
+                    seen.insert(dev, (l.index, l.up));
+                    deleted = true;
+                }
                 Some(l) if l.index != table.ifindex => {
                     log(format!(
                         "{name} was re-created (ifindex {}): shaping its traffic again",

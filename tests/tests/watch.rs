@@ -358,3 +358,48 @@ fn watch_serves_metrics_that_prometheus_can_scrape() {
     assert_eq!(r.stderr.lines().count(), 1, "{}", r.stderr);
     assert!(r.stderr.contains("127.0.0.1:9464"), "{}", r.stderr);
 }
+
+#[test]
+fn watch_sets_a_deleted_device_up_again_with_its_qdiscs() {
+    require_root();
+    let pair = Pair::new("wdev").unwrap();
+    let s = &pair.server;
+    let config = "[[device]]\nname = \"imq1\"\nqdisc = [\n  \"qdisc add root handle 1: htb default 10\",\n  \
+                  \"class add parent 1: classid 1:10 htb rate 10mbit\",\n]\n\n\
+                  [[rule]]\ninterface = \"s0\"\ndev = \"imq1\"\n";
+    let mut w = Watcher::start(s, config);
+    w.wait_for("applied ");
+    assert_rate(
+        goodput(&pair.client, s, &pair.server_v4(), 5201),
+        9.6,
+        0.15,
+        "HTB 10mbit on imq1",
+    );
+
+    s.ip(&["link", "del", "imq1"]).unwrap();
+    w.wait_for("imq1 was deleted");
+    w.wait_for("applied ");
+    let classes = s.tc(&["class", "show", "dev", "imq1"]).unwrap();
+    assert!(classes.contains("rate 10Mbit"), "{classes}");
+    assert_eq!(device_state(&show(s), "imq1"), "up");
+    assert_rate(
+        goodput(&pair.client, s, &pair.server_v4(), 5201),
+        9.6,
+        0.15,
+        "imq1 set up again",
+    );
+
+    // Re-created behind imq's back, without qdiscs: set up again too.
+    s.ip(&["link", "del", "imq1"]).unwrap();
+    s.ip(&["link", "add", "imq1", "type", "ifb"]).unwrap();
+    s.ip(&["link", "set", "imq1", "up"]).unwrap();
+    w.wait_for("applied ");
+    let classes = s.tc(&["class", "show", "dev", "imq1"]).unwrap();
+    assert!(classes.contains("rate 10Mbit"), "{classes}\n{}", w.log());
+    assert_rate(
+        goodput(&pair.client, s, &pair.server_v4(), 5201),
+        9.6,
+        0.15,
+        "imq1 re-created by hand",
+    );
+}
