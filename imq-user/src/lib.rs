@@ -141,6 +141,8 @@ pub struct Imq {
     /// Leave an imq device the admin took down as it is (and record it down)
     /// instead of bringing it up: `watch` follows the admin's `ip link set down`.
     leave_down: bool,
+    /// The bpffs directory, held open by [`Imq::hold_bpffs`].
+    held: Option<std::fs::File>,
 }
 
 /// What a hook needs in the kernel for its rules to see packets.
@@ -199,11 +201,28 @@ impl Imq {
             nl: Netlink::new()?,
             tcx: sys::has_tcx(),
             leave_down: false,
+            held: None,
         })
     }
 
     fn bpffs(&self) -> Option<&std::path::Path> {
         self.opts.bpffs.as_deref()
+    }
+
+    pub fn options(&self) -> &Options {
+        &self.opts
+    }
+
+    /// Finds (or mounts) the bpffs once and keeps it open for the life of the
+    /// process, which then keeps using that one: under `ip netns exec` it is found
+    /// through an ancestor's mount namespace, and a long-running `watch` must not
+    /// lose it when that ancestor (a shell, say) exits.
+    pub fn hold_bpffs(&mut self) -> Result<()> {
+        let dir = sys::find_bpffs(self.bpffs())?;
+        let f = std::fs::File::open(&dir).map_err(|e| Error::io(format!("open {}", dir.display()), e))?;
+        self.opts.bpffs = Some(PathBuf::from(format!("/proc/self/fd/{}", f.as_raw_fd())));
+        self.held = Some(f);
+        Ok(())
     }
 
     /// The interface a rule may sit on: Ethernet, and not an imq or other ifb device.

@@ -261,8 +261,7 @@ fn one_line(err: &clap::Error) -> String {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
-    let opts = Options { bpffs: cli.bpffs };
-    let mut imq = Imq::new(opts.clone())?;
+    let mut imq = Imq::new(Options { bpffs: cli.bpffs })?;
     match cli.command {
         Command::Attach {
             interface,
@@ -319,7 +318,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             );
         }
         Command::Export => print!("{}", imq.export()?),
-        Command::Watch { file, metrics } => watch(&mut imq, file, metrics.map(|a| (a, opts.clone())))?,
+        Command::Watch { file, metrics } => watch(&mut imq, file, metrics)?,
         Command::Show { json, format } => {
             let status = imq.show()?;
             match (json, format.as_str()) {
@@ -379,10 +378,11 @@ fn manpages(dir: &std::path::Path) -> anyhow::Result<()> {
 }
 
 /// `imqctl watch`: one line per event on stderr, for the journal.
-fn watch(imq: &mut Imq, file: PathBuf, metrics: Option<(std::net::SocketAddr, Options)>) -> anyhow::Result<()> {
+fn watch(imq: &mut Imq, file: PathBuf, metrics: Option<std::net::SocketAddr>) -> anyhow::Result<()> {
     let mut w = Watch::new(file.clone())?;
-    if let Some((addr, opts)) = metrics {
-        watch::serve_metrics(addr, opts)?;
+    imq.hold_bpffs()?;
+    if let Some(addr) = metrics {
+        watch::serve_metrics(addr, imq.options().clone())?;
         eprintln!("serving metrics at http://{addr}/metrics");
     }
     let events = watch::events()?;
