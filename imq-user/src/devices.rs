@@ -82,8 +82,15 @@ impl Imq {
 
     /// Brings the listed devices to their setups and forgets (removing their
     /// qdiscs) the setups of devices no longer listed; `links` as they are now.
-    pub(crate) fn apply_devices(&self, state: &mut State, links: &[Link], devices: &[FileDevice]) -> Result<()> {
+    /// Returns the devices set up and those whose setups were removed.
+    pub(crate) fn apply_devices(
+        &self,
+        state: &mut State,
+        links: &[Link],
+        devices: &[FileDevice],
+    ) -> Result<(Vec<String>, Vec<String>)> {
         let applied = state.device_setups()?;
+        let (mut set_up, mut removed) = (Vec::new(), Vec::new());
         for d in devices {
             let name = d.name.to_string();
             let link = match links.iter().find(|l| l.name == name) {
@@ -130,6 +137,7 @@ impl Imq {
                 }
             }
             state.set_device_setup(d.name.0, Some(&want))?;
+            set_up.push(name);
         }
         for (n, old) in &applied {
             if devices.iter().any(|d| d.name.0 == *n) {
@@ -139,8 +147,9 @@ impl Imq {
                 let _ = self.nl.del_root_qdisc(old.ifindex);
             }
             state.set_device_setup(*n, None)?;
+            removed.push(DevName(*n).to_string());
         }
-        Ok(())
+        Ok((set_up, removed))
     }
 
     /// The `[[device]]` entries of the setups imq applied, for `export`.

@@ -132,6 +132,53 @@ pub struct Status {
     pub tracks_device_state: bool,
 }
 
+/// What `apply` changed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Applied {
+    /// Rules in place now, shapers' rules included.
+    pub rules: usize,
+    pub rules_added: usize,
+    pub rules_removed: usize,
+    /// Shapers in place now.
+    pub shapers: usize,
+    /// Interfaces whose shaper was added or changed, or removed.
+    pub shapers_set: Vec<String>,
+    pub shapers_removed: Vec<String>,
+    /// imq devices whose `[[device]]` qdiscs were set up, or removed.
+    pub devices_set_up: Vec<String>,
+    pub devices_removed: Vec<String>,
+}
+
+impl std::fmt::Display for Applied {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} rule(s) ({} added, {} removed), {} shaper(s)",
+            self.rules, self.rules_added, self.rules_removed, self.shapers
+        )?;
+        for (what, list) in [
+            ("shaper set on", &self.shapers_set),
+            ("shaper removed from", &self.shapers_removed),
+            ("qdiscs set up on", &self.devices_set_up),
+            ("qdiscs removed from", &self.devices_removed),
+        ] {
+            if !list.is_empty() {
+                write!(f, "; {what} {}", list.join(", "))?;
+            }
+        }
+        let changed = self.rules_added
+            + self.rules_removed
+            + self.shapers_set.len()
+            + self.shapers_removed.len()
+            + self.devices_set_up.len()
+            + self.devices_removed.len();
+        if changed == 0 {
+            write!(f, "; nothing changed")?;
+        }
+        Ok(())
+    }
+}
+
 /// The control plane of one network namespace: the one imqctl runs in.
 pub struct Imq {
     opts: Options,
@@ -484,9 +531,9 @@ impl Imq {
 
     /// Replaces every rule and shaper of this namespace with those of a rule file
     /// ([`rulefile::parse`]), as one change. Rules that stay the same keep their
-    /// counters. Imq devices the rules name are created if missing. Returns (rules
-    /// before, rules after), shapers' rules included.
-    pub fn apply(&mut self, setup: &rulefile::Setup) -> Result<(usize, usize)> {
+    /// counters. Imq devices the rules name are created if missing. Returns what
+    /// changed.
+    pub fn apply(&mut self, setup: &rulefile::Setup) -> Result<Applied> {
         let links = self.nl.links()?;
         let index = |name: &str| {
             let link = links
@@ -516,7 +563,7 @@ impl Imq {
         let mut state = locked.open_or_create()?;
         // The devices first: ready before the rules send them traffic.
         self.check_devices(&links, &state.device_setups()?, &setup.devices)?;
-        self.apply_devices(&mut state, &links, &setup.devices)?;
+        let (devices_set_up, devices_removed) = self.apply_devices(&mut state, &links, &setup.devices)?;
         let links = if setup.devices.is_empty() {
             links
         } else {
@@ -525,7 +572,11 @@ impl Imq {
         let old = state.rules()?;
         let found = self.find_shapers(&links, &self.all_qdiscs()?, &old)?;
         let shapers: Vec<Shaper> = setup.shapers.iter().map(|(_, s)| s.clone()).collect();
-        self.converge(&mut state, &links, &old, &found, wanted, &shapers)
+        Ok(Applied {
+            devices_set_up,
+            devices_removed,
+            ..self.converge(&mut state, &links, &old, &found, wanted, &shapers)?
+        })
     }
 
     /// Every rule and shaper, in the rule file format of `apply`.

@@ -241,7 +241,7 @@ impl Imq {
         old_shapers: &[Found],
         base: Vec<Rule>,
         shapers: &[Shaper],
-    ) -> Result<(usize, usize)> {
+    ) -> Result<crate::Applied> {
         let qdiscs = self.all_qdiscs()?;
         let by_name = |name: &str| {
             links
@@ -395,7 +395,38 @@ impl Imq {
                 state.set_device(dev.0, 0, true).map_err(after_commit)?;
             }
         }
-        Ok((old.len(), new.len()))
+        let kept = new
+            .iter()
+            .filter(|(id, r)| old.iter().any(|(i, o)| i == id && o == r))
+            .count();
+        let name = |i: u32| {
+            links
+                .iter()
+                .find(|l| l.index == i)
+                .map_or_else(|| format!("ifindex {i}"), |l| l.name.clone())
+        };
+        Ok(crate::Applied {
+            rules: new.len(),
+            rules_added: new.len() - kept,
+            rules_removed: old.len() - kept,
+            shapers: plans.len(),
+            shapers_set: plans
+                .iter()
+                .filter(|(s, i)| {
+                    old_shapers
+                        .iter()
+                        .find(|f| f.ifindex == *i)
+                        .is_none_or(|f| f.shaper != *s)
+                })
+                .map(|(_, i)| name(*i))
+                .collect(),
+            shapers_removed: old_shapers
+                .iter()
+                .filter(|f| !plans.iter().any(|(_, i)| *i == f.ifindex))
+                .map(|f| name(f.ifindex))
+                .collect(),
+            ..Default::default()
+        })
     }
 
     /// `imqctl shape`: sets up (or changes) the shaper of one interface; every other

@@ -192,7 +192,7 @@ impl Watch {
         // Recorded before applying: an apply that failed is tried again only when
         // something it depends on changes, not on every event.
         self.applied = Some(present.clone());
-        let (before, after) = imq.apply(&part).map_err(|e| match e {
+        let applied = imq.apply(&part).map_err(|e| match e {
             Error::RuleFile { .. } => Error::Config(format!("{}: {e}", self.path.display())),
             e => e,
         })?;
@@ -201,11 +201,7 @@ impl Watch {
             .filter(|(_, i)| **i == 0)
             .map(|(n, _)| n.as_str())
             .collect();
-        let mut line = format!(
-            "applied {}: {after} rule(s) and {} shaper(s), replacing {before} rule(s)",
-            self.path.display(),
-            part.shapers.len()
-        );
+        let mut line = format!("applied {}: {applied}", self.path.display());
         if !waiting.is_empty() {
             line.push_str(&format!("; waiting for {}", waiting.join(", ")));
         }

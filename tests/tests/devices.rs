@@ -47,6 +47,10 @@ fn a_device_entry_sets_up_its_qdiscs_and_export_gives_it_back() {
     let s = &pair.server;
     let r = s.imqctl_apply(&setup("10mbit"));
     assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(
+        r.stderr.trim(),
+        "applied 1 rule(s) (1 added, 0 removed), 0 shaper(s); qdiscs set up on imq1"
+    );
     assert_eq!(qlen(s, "imq1"), 2000);
     assert_eq!(class_1_10(s).0, "10Mbit");
     assert_rate(
@@ -71,11 +75,18 @@ fn a_device_entry_sets_up_its_qdiscs_and_export_gives_it_back() {
     assert!(sent > 1_000_000, "class 1:10 sent {sent} bytes");
     let r = s.imqctl_apply(&export);
     assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stderr.ends_with("; nothing changed\n"), "{}", r.stderr);
     assert!(class_1_10(s).1 >= sent, "the qdisc was set up again");
     assert_eq!(s.imqctl_ok(&["export"]), export);
 
     // A changed line sets the device up again.
-    assert_eq!(s.imqctl_apply(&setup("20mbit")).code, 0);
+    let r = s.imqctl_apply(&setup("20mbit"));
+    assert!(
+        r.stderr
+            .contains("(0 added, 0 removed), 0 shaper(s); qdiscs set up on imq1"),
+        "{}",
+        r.stderr
+    );
     assert_eq!(class_1_10(s).0, "20Mbit");
     assert_rate(
         goodput(&pair.client, s, &pair.server_v4(), 5201),
@@ -108,6 +119,7 @@ fn a_device_entry_sets_up_its_qdiscs_and_export_gives_it_back() {
     // Left out of the file: its qdiscs go and export forgets it.
     let r = s.imqctl_apply("[[rule]]\ninterface = \"s0\"\ndev = \"imq1\"\n");
     assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stderr.contains("; qdiscs removed from imq1"), "{}", r.stderr);
     let qdiscs = s.tc(&["qdisc", "show", "dev", "imq1"]).unwrap();
     assert!(!qdiscs.contains("htb"), "{qdiscs}");
     assert!(!s.imqctl_ok(&["export"]).contains("[[device]]"));

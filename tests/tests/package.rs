@@ -131,6 +131,39 @@ fn the_package_holds_the_binary_unit_config_man_pages_and_completions() {
 }
 
 #[test]
+fn dpkg_installs_removes_and_purges_the_package() {
+    require_root();
+    let root = std::env::temp_dir().join(format!("imq-dpkg-{}", unique_id()));
+    let _cleanup = Unpacked(root.clone());
+    let admin = root.join("var/lib/dpkg");
+    fs::create_dir_all(admin.join("info")).unwrap();
+    fs::create_dir_all(admin.join("updates")).unwrap();
+    fs::write(admin.join("status"), "").unwrap();
+    // An empty system: its dependencies are not in this database, and the maintainer
+    // scripts run here (they only tell a running systemd, which this machine has not).
+    let dpkg = |args: &[&str]| {
+        let mut c = Command::new("dpkg");
+        c.arg(format!("--root={}", root.display()))
+            .args(["--force-depends", "--force-script-chrootless", "--log=/dev/null"])
+            .args(args);
+        c
+    };
+    run(&mut dpkg(&["-i", deb().to_str().unwrap()]));
+    let status = run(&mut dpkg(&["-s", "imq"]));
+    assert!(status.contains("Status: install ok installed"), "{status}");
+    assert!(root.join("usr/sbin/imqctl").exists());
+    assert!(root.join("usr/lib/systemd/system/imq.service").exists());
+
+    // The admin's config survives removal; purge takes it.
+    fs::write(root.join("etc/imq/imq.toml"), "# mine\n").unwrap();
+    run(&mut dpkg(&["-r", "imq"]));
+    assert!(!root.join("usr/sbin/imqctl").exists());
+    assert_eq!(fs::read_to_string(root.join("etc/imq/imq.toml")).unwrap(), "# mine\n");
+    run(&mut dpkg(&["-P", "imq"]));
+    assert!(!root.join("etc/imq/imq.toml").exists());
+}
+
+#[test]
 fn systemd_accepts_the_unit_and_it_runs_what_the_package_installs() {
     let u = Unpacked::new();
     let unit_path = u.path("/usr/lib/systemd/system/imq.service");
@@ -241,6 +274,15 @@ fn the_service_runs_the_sample_config_with_the_units_capabilities() {
     }
     let bpffs = Bpffs::new();
     let log = config.with_extension("log");
+    // Type=notify: systemd's socket, as it passes it.
+    let notify_path = config.with_extension("notify");
+    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
+    notify.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let said = || {
+        let mut buf = [0u8; 256];
+        let n = notify.recv(&mut buf).expect("a notification within 10 s");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
     let mut child = Killed(
         ns.command("setpriv")
             .args(["--bounding-set", &unit_caps(&unit)])
@@ -249,6 +291,7 @@ fn the_service_runs_the_sample_config_with_the_units_capabilities() {
             .arg(&bpffs.0)
             .args(["watch", "-f"])
             .arg(&config)
+            .env("NOTIFY_SOCKET", &notify_path)
             .stdin(Stdio::null())
             .stderr(fs::File::create(&log).unwrap())
             .spawn()
@@ -256,6 +299,7 @@ fn the_service_runs_the_sample_config_with_the_units_capabilities() {
     );
     let text = wait_for(&log, "applied ");
     let _ = fs::remove_file(&config);
+    assert_eq!(said(), "READY=1");
     // Both rules, the second with its mark, into imq1; the shaper waits for eth0.
     assert!(
         text.contains("2 rule(s)") && text.contains("waiting for eth0"),
@@ -303,5 +347,7 @@ fn the_service_runs_the_sample_config_with_the_units_capabilities() {
     let text = fs::read_to_string(&log).unwrap_or_default();
     let _ = fs::remove_file(&log);
     assert!(exit.success(), "{exit}: {text}");
+    assert_eq!(said(), "STOPPING=1");
+    let _ = fs::remove_file(&notify_path);
     ns.imqctl_ok(&[&bpffs_arg[..], &["flush"]].concat());
 }

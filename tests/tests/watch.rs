@@ -140,7 +140,7 @@ fn watch_follows_interfaces_and_devices_and_leaves_the_rules_on_sigterm() {
     let s = &pair.server;
     let mut w = Watcher::start(s, "[[rule]]\ninterface = \"s0\"\n");
     let line = w.wait_for("applied ");
-    assert!(line.contains("1 rule(s)"), "{line}");
+    assert!(line.contains("1 rule(s) (1 added, 0 removed)"), "{line}");
     let status = show(s);
     assert_eq!(rules(&status).len(), 1, "{status}");
     assert_eq!(rules(&status)[0]["attached"], true, "{status}");

@@ -308,14 +308,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
             let setup = rulefile::parse_setup(&text).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
-            let (before, after) = imq.apply(&setup).map_err(|e| match e {
+            let applied = imq.apply(&setup).map_err(|e| match e {
                 imq::Error::RuleFile { .. } => anyhow::anyhow!("{}: {e}", file.display()),
                 e => e.into(),
             })?;
-            eprintln!(
-                "applied {after} rule(s) and {} shaper(s), replacing {before} rule(s)",
-                setup.shapers.len()
-            );
+            eprintln!("applied {applied}");
         }
         Command::Export => print!("{}", imq.export()?),
         Command::Watch { file, metrics } => watch(&mut imq, file, metrics)?,
