@@ -127,14 +127,14 @@ impl Imq {
             }
             // Replaced whole: what an earlier setup added goes first.
             let _ = self.nl.del_root_qdisc(link.index);
-            if !d.qdisc.is_empty() {
-                if let Err(e) = tc_batch(&name, &d.qdisc) {
-                    let _ = self.nl.del_root_qdisc(link.index);
-                    let _ = state.set_device_setup(d.name.0, None);
-                    return Err(Error::Config(format!(
-                        "{name}: its qdisc lines failed, so it has none now: {e}"
-                    )));
-                }
+            if !d.qdisc.is_empty()
+                && let Err(e) = tc_batch(&name, &d.qdisc)
+            {
+                let _ = self.nl.del_root_qdisc(link.index);
+                let _ = state.set_device_setup(d.name.0, None);
+                return Err(Error::Config(format!(
+                    "{name}: its qdisc lines failed, so it has none now: {e}"
+                )));
             }
             state.set_device_setup(d.name.0, Some(&want))?;
             set_up.push(name);

@@ -335,16 +335,15 @@ pub fn parse_setup(text: &str) -> Result<Setup> {
         if let Some((_, s)) = shapers
             .iter()
             .find(|(_, s)| s.dev == Some(device.name) && s.down.is_some())
+            && !device.qdisc.is_empty()
         {
-            if !device.qdisc.is_empty() {
-                return Err(Error::RuleFile {
-                    line,
-                    message: format!(
-                        "{} is the download device of {}'s shaper, which sets its qdisc",
-                        device.name, s.interface
-                    ),
-                });
-            }
+            return Err(Error::RuleFile {
+                line,
+                message: format!(
+                    "{} is the download device of {}'s shaper, which sets its qdisc",
+                    device.name, s.interface
+                ),
+            });
         }
         devices.push(device);
     }
