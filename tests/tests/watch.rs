@@ -403,3 +403,53 @@ fn watch_sets_a_deleted_device_up_again_with_its_qdiscs() {
         "imq1 re-created by hand",
     );
 }
+
+#[test]
+fn watch_follows_an_interface_renamed_away_and_back_and_one_moved_in() {
+    require_root();
+    let pair = Pair::new("wren").unwrap();
+    let s = &pair.server;
+    let mut w = Watcher::start(s, "[[rule]]\ninterface = \"s0\"\n\n[[rule]]\ninterface = \"m0\"\n");
+    let line = w.wait_for("applied ");
+    assert!(line.contains("waiting for m0"), "{line}");
+    tbf(s, "imq0", 10);
+    assert_rate(
+        goodput(&pair.client, s, &pair.server_v4(), 5201),
+        9.6,
+        0.15,
+        "s0 shaped",
+    );
+
+    // Renamed: no longer the interface the file names, so its rule goes.
+    s.ip(&["link", "set", "s0", "name", "wan9"]).unwrap();
+    w.wait_for("s0 is gone");
+    w.wait_for("applied ");
+    assert!(rules(&show(s)).is_empty());
+    assert_unshaped(goodput(&pair.client, s, &pair.server_v4(), 5201), "renamed away");
+    // Renamed back: the same interface instance gets its rule again.
+    s.ip(&["link", "set", "wan9", "name", "s0"]).unwrap();
+    w.wait_for("s0 appeared");
+    w.wait_for("applied ");
+    assert_rate(
+        goodput(&pair.client, s, &pair.server_v4(), 5201),
+        9.6,
+        0.15,
+        "renamed back",
+    );
+
+    // An interface moved into the namespace (a container's veth, say).
+    let other = NetNs::new(format!("imq-wren-{}-o", unique_id())).unwrap();
+    other
+        .ip(&["link", "add", "m0", "type", "veth", "peer", "name", "m1"])
+        .unwrap();
+    other.ip(&["link", "set", "m0", "netns", s.name()]).unwrap();
+    w.wait_for("m0 appeared");
+    let line = w.wait_for("applied ");
+    assert!(line.contains("2 rule(s)"), "{line}");
+    let status = show(s);
+    let attached: Vec<(String, bool)> = rules(&status)
+        .iter()
+        .map(|r| (r["interface"].as_str().unwrap().to_owned(), r["attached"] == true))
+        .collect();
+    assert_eq!(attached, [("m0".to_owned(), true), ("s0".to_owned(), true)], "{status}");
+}
