@@ -140,8 +140,9 @@ fn present_part(setup: &Setup, present: &BTreeMap<String, u32>) -> Setup {
 pub struct Watch {
     path: PathBuf,
     setup: Setup,
-    /// The interfaces of the file as they were at the last apply; `None` until one
-    /// succeeded, or after a reload.
+    /// The interfaces of the file as they were at the last apply (which may have
+    /// failed: it is tried again when they change); `None` before the first pass and
+    /// after a reload.
     applied: Option<BTreeMap<String, u32>>,
     /// The imq devices as the last pass saw them: (ifindex, up).
     devices: BTreeMap<DevName, (u32, bool)>,
