@@ -59,10 +59,13 @@ pub fn events() -> Result<mpsc::Receiver<Event>> {
                 let setup = || {
                     let (mut conn, _, messages) =
                         rtnetlink::new_connection().map_err(|e| Error::io("netlink socket", e))?;
-                    conn.socket_mut()
-                        .socket_mut()
+                    let socket = conn.socket_mut().socket_mut();
+                    socket
                         .bind(&SocketAddr::new(0, RTMGRP_LINK))
                         .map_err(|e| Error::io("subscribe to link notifications", e))?;
+                    // Room for a burst (a container host re-creating hundreds of veths):
+                    // a notification dropped on overflow would be missed until the next.
+                    let _ = socket.set_rx_buf_sz(4usize << 20);
                     let sig = |kind, name: &str| signal(kind).map_err(|e| Error::io(format!("handle {name}"), e));
                     let signals = (
                         sig(SignalKind::hangup(), "SIGHUP")?,
