@@ -750,9 +750,9 @@ impl Imq {
         self.nl.del_link(link.index)
     }
 
-    /// Removes every rule and program imq attached in this namespace, and every
-    /// shaper with its qdiscs and device. Other imq devices stay: they carry the
-    /// user's qdiscs. Returns the number of rules removed.
+    /// Removes every rule and program imq attached in this namespace, every shaper
+    /// with its qdiscs and device, and the qdiscs of `[[device]]` setups. Other imq
+    /// devices stay, with the user's own qdiscs. Returns the number of rules removed.
     pub fn flush(&mut self) -> Result<usize> {
         let links = self.nl.links()?;
         let Some(mut state) = State::open(self.bpffs())? else {
@@ -784,6 +784,13 @@ impl Imq {
             } = need
             {
                 self.nl.del_filter(ifindex, Filter { direction, dev: dev.0 })?;
+            }
+        }
+        // `[[device]]` setups: their qdiscs go, their devices stay (like any imq
+        // device's).
+        for (_, setup) in state.device_setups()? {
+            if links.iter().any(|l| l.index == setup.ifindex) {
+                self.nl.del_root_qdisc(setup.ifindex)?;
             }
         }
         state.destroy()?;

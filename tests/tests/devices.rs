@@ -124,4 +124,11 @@ fn a_device_entry_sets_up_its_qdiscs_and_export_gives_it_back() {
     assert!(!qdiscs.contains("htb"), "{qdiscs}");
     assert!(!s.imqctl_ok(&["export"]).contains("[[device]]"));
     assert_unshaped(goodput(&pair.client, s, &pair.server_v4(), 5201), "imq1 without qdiscs");
+
+    // flush takes a setup's qdiscs with the rules; the device stays.
+    assert_eq!(s.imqctl_apply(&setup("10mbit")).code, 0);
+    s.imqctl_ok(&["flush"]);
+    let qdiscs = s.tc(&["qdisc", "show", "dev", "imq1"]).unwrap();
+    assert!(!qdiscs.contains("htb"), "{qdiscs}");
+    assert!(!s.imqctl_ok(&["export"]).contains("[[device]]"));
 }
