@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 
 use serde_json::Value;
 
-use crate::{Goodput, Load, NetNs, tcp_goodput};
+use crate::{Goodput, Load, NetNs, Pair, tcp_goodput};
 
 /// Unshaped: five times the highest rate any test shapes to (40 Mbit/s), so nothing
 /// shaped can pass for it. Unshaped veth TCP is 15-20 Gbit/s on this machine's kernel
@@ -46,6 +46,21 @@ pub fn assert_between(g: Goodput, lo: f64, hi: f64, what: &str) {
 /// Within `tolerance` (a fraction) of `mbit`.
 pub fn assert_rate(g: Goodput, mbit: f64, tolerance: f64, what: &str) {
     assert_between(g, mbit * (1.0 - tolerance), mbit * (1.0 + tolerance), what);
+}
+
+/// TCP from a pair's client to its server (IPv4, port 5201) runs at `mbit` ±15%.
+pub fn assert_pair_rate(pair: &Pair, mbit: f64, what: &str) {
+    assert_rate(
+        goodput(&pair.client, &pair.server, &pair.server_v4(), 5201),
+        mbit,
+        0.15,
+        what,
+    );
+}
+
+/// TCP from a pair's client to its server (IPv4, port 5201) is not shaped.
+pub fn assert_pair_unshaped(pair: &Pair, what: &str) {
+    assert_unshaped(goodput(&pair.client, &pair.server, &pair.server_v4(), 5201), what);
 }
 
 pub fn assert_unshaped(g: Goodput, what: &str) {

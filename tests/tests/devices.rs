@@ -4,7 +4,7 @@
 
 use imq_tests::{
     NetNs, Pair,
-    check::{assert_rate, assert_unshaped, goodput},
+    check::{assert_pair_rate, assert_pair_unshaped},
     require_root,
 };
 use serde_json::Value;
@@ -53,12 +53,7 @@ fn a_device_entry_sets_up_its_qdiscs_and_export_gives_it_back() {
     );
     assert_eq!(qlen(s, "imq1"), 2000);
     assert_eq!(class_1_10(s).0, "10Mbit");
-    assert_rate(
-        goodput(&pair.client, s, &pair.server_v4(), 5201),
-        9.6,
-        0.15,
-        "HTB 10mbit on imq1",
-    );
+    assert_pair_rate(&pair, 9.6, "HTB 10mbit on imq1");
 
     // The export is the file: applying it again changes nothing, not even the
     // qdisc's counters.
@@ -88,12 +83,7 @@ fn a_device_entry_sets_up_its_qdiscs_and_export_gives_it_back() {
         r.stderr
     );
     assert_eq!(class_1_10(s).0, "20Mbit");
-    assert_rate(
-        goodput(&pair.client, s, &pair.server_v4(), 5201),
-        19.2,
-        0.15,
-        "HTB 20mbit on imq1",
-    );
+    assert_pair_rate(&pair, 19.2, "HTB 20mbit on imq1");
 
     // A line tc refuses: one line naming the file's line and the qdisc line, and the
     // device keeps its qdiscs.
@@ -123,7 +113,7 @@ fn a_device_entry_sets_up_its_qdiscs_and_export_gives_it_back() {
     let qdiscs = s.tc(&["qdisc", "show", "dev", "imq1"]).unwrap();
     assert!(!qdiscs.contains("htb"), "{qdiscs}");
     assert!(!s.imqctl_ok(&["export"]).contains("[[device]]"));
-    assert_unshaped(goodput(&pair.client, s, &pair.server_v4(), 5201), "imq1 without qdiscs");
+    assert_pair_unshaped(&pair, "imq1 without qdiscs");
 
     // flush takes a setup's qdiscs with the rules; the device stays.
     assert_eq!(s.imqctl_apply(&setup("10mbit")).code, 0);

@@ -11,7 +11,7 @@ use std::{
 
 use imq_tests::{
     NetNs, Pair,
-    check::{assert_rate, assert_unshaped, dev_rx, device_state, goodput, show, tbf},
+    check::{assert_pair_rate, assert_pair_unshaped, dev_rx, device_state, show, tbf},
     imqctl_path, ping, require_root, unique_id,
 };
 use serde_json::Value;
@@ -145,12 +145,7 @@ fn watch_follows_interfaces_and_devices_and_leaves_the_rules_on_sigterm() {
     assert_eq!(rules(&status).len(), 1, "{status}");
     assert_eq!(rules(&status)[0]["attached"], true, "{status}");
     tbf(s, "imq0", 10);
-    assert_rate(
-        goodput(&pair.client, s, &pair.server_v4(), 5201),
-        9.6,
-        0.15,
-        "shaped at start",
-    );
+    assert_pair_rate(&pair, 9.6, "shaped at start");
 
     // The interface is deleted (its rules with it) and comes back: re-attached.
     s.ip(&["link", "del", "s0"]).unwrap();
@@ -162,12 +157,7 @@ fn watch_follows_interfaces_and_devices_and_leaves_the_rules_on_sigterm() {
     assert_eq!(rules(&status).len(), 1, "{status}");
     assert_eq!(rules(&status)[0]["ifindex"], ifindex(s, "s0"), "{status}");
     assert_eq!(rules(&status)[0]["attached"], true, "{status}");
-    assert_rate(
-        goodput(&pair.client, s, &pair.server_v4(), 5201),
-        9.6,
-        0.15,
-        "shaped after re-creation",
-    );
+    assert_pair_rate(&pair, 9.6, "shaped after re-creation");
 
     // imq0 taken down by hand: recorded at once, so its traffic passes unshaped
     // instead of being dropped (on every kernel, with or without the device hook).
@@ -179,16 +169,11 @@ fn watch_follows_interfaces_and_devices_and_leaves_the_rules_on_sigterm() {
         20,
         "pings while imq0 is down"
     );
-    assert_unshaped(goodput(&pair.client, s, &pair.server_v4(), 5201), "imq0 down");
+    assert_pair_unshaped(&pair, "imq0 down");
     s.ip(&["link", "set", "imq0", "up"]).unwrap();
     w.wait_for("imq0 is up");
     assert_eq!(device_state(&show(s), "imq0"), "up");
-    assert_rate(
-        goodput(&pair.client, s, &pair.server_v4(), 5201),
-        9.6,
-        0.15,
-        "shaped when up again",
-    );
+    assert_pair_rate(&pair, 9.6, "shaped when up again");
 
     // imq0 deleted: re-created, registered, and receiving the traffic again.
     s.ip(&["link", "del", "imq0"]).unwrap();
@@ -369,12 +354,7 @@ fn watch_sets_a_deleted_device_up_again_with_its_qdiscs() {
                   [[rule]]\ninterface = \"s0\"\ndev = \"imq1\"\n";
     let mut w = Watcher::start(s, config);
     w.wait_for("applied ");
-    assert_rate(
-        goodput(&pair.client, s, &pair.server_v4(), 5201),
-        9.6,
-        0.15,
-        "HTB 10mbit on imq1",
-    );
+    assert_pair_rate(&pair, 9.6, "HTB 10mbit on imq1");
 
     s.ip(&["link", "del", "imq1"]).unwrap();
     w.wait_for("imq1 was deleted");
@@ -382,12 +362,7 @@ fn watch_sets_a_deleted_device_up_again_with_its_qdiscs() {
     let classes = s.tc(&["class", "show", "dev", "imq1"]).unwrap();
     assert!(classes.contains("rate 10Mbit"), "{classes}");
     assert_eq!(device_state(&show(s), "imq1"), "up");
-    assert_rate(
-        goodput(&pair.client, s, &pair.server_v4(), 5201),
-        9.6,
-        0.15,
-        "imq1 set up again",
-    );
+    assert_pair_rate(&pair, 9.6, "imq1 set up again");
 
     // Re-created behind imq's back, without qdiscs: set up again too.
     s.ip(&["link", "del", "imq1"]).unwrap();
@@ -396,12 +371,7 @@ fn watch_sets_a_deleted_device_up_again_with_its_qdiscs() {
     w.wait_for("applied ");
     let classes = s.tc(&["class", "show", "dev", "imq1"]).unwrap();
     assert!(classes.contains("rate 10Mbit"), "{classes}\n{}", w.log());
-    assert_rate(
-        goodput(&pair.client, s, &pair.server_v4(), 5201),
-        9.6,
-        0.15,
-        "imq1 re-created by hand",
-    );
+    assert_pair_rate(&pair, 9.6, "imq1 re-created by hand");
 }
 
 #[test]
@@ -413,29 +383,19 @@ fn watch_follows_an_interface_renamed_away_and_back_and_one_moved_in() {
     let line = w.wait_for("applied ");
     assert!(line.contains("waiting for m0"), "{line}");
     tbf(s, "imq0", 10);
-    assert_rate(
-        goodput(&pair.client, s, &pair.server_v4(), 5201),
-        9.6,
-        0.15,
-        "s0 shaped",
-    );
+    assert_pair_rate(&pair, 9.6, "s0 shaped");
 
     // Renamed: no longer the interface the file names, so its rule goes.
     s.ip(&["link", "set", "s0", "name", "wan9"]).unwrap();
     w.wait_for("s0 is gone");
     w.wait_for("applied ");
     assert!(rules(&show(s)).is_empty());
-    assert_unshaped(goodput(&pair.client, s, &pair.server_v4(), 5201), "renamed away");
+    assert_pair_unshaped(&pair, "renamed away");
     // Renamed back: the same interface instance gets its rule again.
     s.ip(&["link", "set", "wan9", "name", "s0"]).unwrap();
     w.wait_for("s0 appeared");
     w.wait_for("applied ");
-    assert_rate(
-        goodput(&pair.client, s, &pair.server_v4(), 5201),
-        9.6,
-        0.15,
-        "renamed back",
-    );
+    assert_pair_rate(&pair, 9.6, "renamed back");
 
     // An interface moved into the namespace (a container's veth, say).
     let other = NetNs::new(format!("imq-wren-{}-o", unique_id())).unwrap();
