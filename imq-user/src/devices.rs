@@ -81,15 +81,16 @@ impl Imq {
     }
 
     /// Brings the listed devices to their setups and forgets (removing their
-    /// qdiscs) the setups of devices no longer listed; `links` as they are now.
+    /// qdiscs) the setups of devices no longer listed; `links` as they are now,
+    /// `applied` as the state records them.
     /// Returns the devices set up and those whose setups were removed.
     pub(crate) fn apply_devices(
         &self,
         state: &mut State,
         links: &[Link],
+        applied: &[(u32, DeviceSetup)],
         devices: &[FileDevice],
     ) -> Result<(Vec<String>, Vec<String>)> {
-        let applied = state.device_setups()?;
         let (mut set_up, mut removed) = (Vec::new(), Vec::new());
         for d in devices {
             let name = d.name.to_string();
@@ -139,7 +140,7 @@ impl Imq {
             state.set_device_setup(d.name.0, Some(&want))?;
             set_up.push(name);
         }
-        for (n, old) in &applied {
+        for (n, old) in applied {
             if devices.iter().any(|d| d.name.0 == *n) {
                 continue;
             }

@@ -403,6 +403,17 @@ impl Imq {
         }
     }
 
+    /// Re-points the classic filters of `rules` that send to `dev` at its device as
+    /// the table now has it (mirred forgets a device that was deleted).
+    fn raise_filters_to(&self, state: &mut State, links: &[Link], rules: &[(u32, Rule)], dev: DevName) -> Result<()> {
+        for need in needs(&Self::without_gone(links, rules), self.tcx) {
+            if matches!(need, Need::Filter { dev: d, .. } if d == dev) {
+                self.raise(state, links, need)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Undoes [`Self::raise`]. For an interface that is gone only the pin is left to
     /// remove (the kernel dropped its links and filters with it).
     fn lower(&self, state: &mut State, need: Need, exists: bool) -> Result<()> {
@@ -562,8 +573,9 @@ impl Imq {
         let locked = State::lock(self.bpffs())?;
         let mut state = locked.open_or_create()?;
         // The devices first: ready before the rules send them traffic.
-        self.check_devices(&links, &state.device_setups()?, &setup.devices)?;
-        let (devices_set_up, devices_removed) = self.apply_devices(&mut state, &links, &setup.devices)?;
+        let applied = state.device_setups()?;
+        self.check_devices(&links, &applied, &setup.devices)?;
+        let (devices_set_up, devices_removed) = self.apply_devices(&mut state, &links, &applied, &setup.devices)?;
         let links = if setup.devices.is_empty() {
             links
         } else {
@@ -725,11 +737,7 @@ impl Imq {
             state.set_device(dev.0, link.index, link.up)?;
             let links = self.nl.links()?;
             let rules = state.rules()?;
-            for need in needs(&Self::without_gone(&links, &rules), self.tcx) {
-                if matches!(need, Need::Filter { dev: d, .. } if d == dev) {
-                    self.raise(&mut state, &links, need)?;
-                }
-            }
+            self.raise_filters_to(&mut state, &links, &rules, dev)?;
         }
         Ok(created)
     }

@@ -165,27 +165,19 @@ impl Netlink {
     }
 
     pub fn set_up(&self, index: u32) -> Result<()> {
-        self.rt.block_on(async {
-            let msg = LinkUnspec::new_with_index(index).up().build();
-            self.handle
-                .link()
-                .set(msg)
-                .execute()
-                .await
-                .map_err(|e| nl_err("set link up", e))
-        })
+        self.set_link(LinkUnspec::new_with_index(index).up().build(), "set link up")
     }
 
     pub fn set_txqueuelen(&self, index: u32, txqueuelen: u32) -> Result<()> {
-        self.rt.block_on(async {
-            let msg = LinkUnspec::new_with_index(index).txqueuelen(txqueuelen).build();
-            self.handle
-                .link()
-                .set(msg)
-                .execute()
-                .await
-                .map_err(|e| nl_err("set txqueuelen", e))
-        })
+        self.set_link(
+            LinkUnspec::new_with_index(index).txqueuelen(txqueuelen).build(),
+            "set txqueuelen",
+        )
+    }
+
+    fn set_link(&self, msg: LinkMessage, what: &str) -> Result<()> {
+        self.rt
+            .block_on(async { self.handle.link().set(msg).execute().await.map_err(|e| nl_err(what, e)) })
     }
 
     pub fn del_link(&self, index: u32) -> Result<()> {

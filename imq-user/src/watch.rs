@@ -20,7 +20,7 @@ use rtnetlink::{
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
-    Imq, Need,
+    Imq,
     error::{Error, Result},
     metrics,
     netlink::{self, Link},
@@ -267,12 +267,7 @@ impl Imq {
                     netlink::prepare_imq_device(&l.name);
                     state.set_device(dev.0, l.index, l.up)?;
                     seen.insert(dev, (l.index, l.up));
-                    let alive = Self::without_gone(links, &rules);
-                    for need in crate::needs(&alive, self.tcx) {
-                        if matches!(need, Need::Filter { dev: d, .. } if d == dev) {
-                            self.raise(&mut state, links, need)?;
-                        }
-                    }
+                    self.raise_filters_to(&mut state, links, &rules, dev)?;
                 }
                 Some(l) => {
                     if l.up != recorded_up {
