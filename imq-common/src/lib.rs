@@ -50,6 +50,9 @@ pub const ENTRIES_MAP: &str = "imq_entries";
 pub const DEVICES_MAP: &str = "imq_devices";
 pub const IFINDEXES_MAP: &str = "imq_ifindexes";
 pub const COUNTERS_MAP: &str = "imq_counters";
+pub const MONITOR_MAP: &str = "imq_monitor";
+pub const MONITOR_STATE_MAP: &str = "imq_monitor_state";
+pub const EVENTS_MAP: &str = "imq_events";
 
 /// Program names in the ELF.
 pub const INGRESS_PROG: &str = "imq_ingress";
@@ -143,7 +146,10 @@ pub struct HookKey {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Hook {
     pub len: u32,
-    pub _reserved: u32,
+    /// Classic mode runs one filter per imq device the hook's rules use; only the
+    /// filter of this device reports an unmatched packet to `imqctl monitor`, so it
+    /// is reported once.
+    pub unmatched_dev: u32,
     pub shapes: [Shape; MAX_SHAPES],
 }
 
@@ -151,7 +157,7 @@ impl Hook {
     pub const fn empty() -> Self {
         Self {
             len: 0,
-            _reserved: 0,
+            unmatched_dev: 0,
             shapes: [Shape {
                 mask: FlowKey {
                     mark: 0,
@@ -272,6 +278,89 @@ pub struct Counters {
     pub bytes: u64,
 }
 
+/// Value of [`MONITOR_MAP`] (one element): what `imqctl monitor` asked to see. With
+/// `flags == 0` nobody watches, and the data path's whole cost is reading that word.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct MonitorConfig {
+    /// [`MONITOR_SELECTED`], [`MONITOR_UNMATCHED`], [`MONITOR_IFINDEX`] ...
+    pub flags: u32,
+    /// The monitor's process id: a second monitor is refused while it lives.
+    pub pid: u32,
+    /// Only this interface ([`MONITOR_IFINDEX`]).
+    pub ifindex: u32,
+    /// Only this direction ([`MONITOR_DIRECTION`]).
+    pub direction: u32,
+    /// Only the rule at this prio ([`MONITOR_PRIO`]).
+    pub prio: u32,
+    /// Only packets for this imq device number ([`MONITOR_DEV`]).
+    pub dev: u32,
+    /// One packet in `sample` is reported (0 and 1: every one).
+    pub sample: u32,
+    /// Bytes of each packet appended to its event (0: none).
+    pub snaplen: u32,
+    /// Events per second and per CPU; what is over it is counted, not sent.
+    pub rate: u32,
+    pub _reserved: u32,
+}
+/// [`MonitorConfig::flags`]: report packets a rule sent to its imq device, and those
+/// a rule took whose device is down or missing (they pass unshaped).
+pub const MONITOR_SELECTED: u32 = 1;
+/// Report packets of an attached interface that no rule took.
+pub const MONITOR_UNMATCHED: u32 = 2;
+pub const MONITOR_IFINDEX: u32 = 4;
+pub const MONITOR_DIRECTION: u32 = 8;
+pub const MONITOR_PRIO: u32 = 16;
+pub const MONITOR_DEV: u32 = 32;
+/// Value of the per-CPU [`MONITOR_STATE_MAP`] (one element): the CPU's token bucket
+/// and what it held back.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct MonitorState {
+    /// Tokens, in nanoseconds' worth of the rate (one event costs 10^9).
+    pub tokens: u64,
+    pub last_ns: u64,
+    /// Events over the rate: counted, not sent.
+    pub limited: u64,
+    /// Events the perf buffer refused (the reader fell behind).
+    pub lost: u64,
+}
+/// One `imqctl monitor` event, sent through [`EVENTS_MAP`]; the first `cap_len` bytes
+/// of the packet follow it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct MonitorEvent {
+    /// bpf_ktime_get_ns (CLOCK_MONOTONIC).
+    pub ts_ns: u64,
+    pub ifindex: u32,
+    /// skb->len: the whole packet from its Ethernet header, all segments of a GSO packet.
+    pub len: u32,
+    /// What the classifier saw: the flow key, mark included.
+    pub flow: FlowKey,
+    /// skb->mark and skb->priority after the rule's actions.
+    pub mark: u32,
+    pub priority: u32,
+    /// The rule that took the packet (unmatched: 0 and `u32::MAX`).
+    pub rule_id: u32,
+    pub prio: u32,
+    /// imq device number.
+    pub dev: u32,
+    /// [`DIRECTION_INGRESS`] or [`DIRECTION_EGRESS`].
+    pub direction: u8,
+    /// [`VERDICT_SELECTED`] ...
+    pub verdict: u8,
+    pub _reserved: u16,
+    /// Bytes of the packet that follow.
+    pub cap_len: u32,
+}
+/// [`MonitorEvent::verdict`]: sent to its imq device.
+pub const VERDICT_SELECTED: u8 = 1;
+/// A rule took it, but its imq device is down or missing: it passed unshaped.
+pub const VERDICT_BYPASSED: u8 = 2;
+/// No rule of the attached interface took it.
+pub const VERDICT_UNMATCHED: u8 = 3;
+/// The most bytes of a packet an event carries.
+pub const MAX_SNAPLEN: u32 = 65535;
 const _: () = {
     assert!(core::mem::size_of::<FlowKey>() == 44);
     assert!(core::mem::size_of::<Shape>() == 52);
@@ -283,6 +372,9 @@ const _: () = {
     assert!(core::mem::size_of::<RuleKey>() == 8);
     assert!(core::mem::size_of::<Device>() == 8);
     assert!(core::mem::size_of::<Counters>() == 16);
+    assert!(core::mem::size_of::<MonitorConfig>() == 40);
+    assert!(core::mem::size_of::<MonitorState>() == 32);
+    assert!(core::mem::size_of::<MonitorEvent>() == 88);
 };
 
 #[cfg(feature = "user")]
@@ -299,4 +391,7 @@ mod pod {
     unsafe impl aya::Pod for super::RuleKey {}
     unsafe impl aya::Pod for super::Device {}
     unsafe impl aya::Pod for super::Counters {}
+    unsafe impl aya::Pod for super::MonitorConfig {}
+    unsafe impl aya::Pod for super::MonitorState {}
+    unsafe impl aya::Pod for super::MonitorEvent {}
 }

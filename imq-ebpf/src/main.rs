@@ -12,19 +12,23 @@
 #![no_main]
 
 use aya_ebpf::{
+    EbpfContext,
+    bindings::BPF_F_CURRENT_CPU,
     bindings::{BPF_F_NO_PREALLOC, TC_ACT_UNSPEC, bpf_fib_lookup},
     helpers::{
-        bpf_probe_read_kernel,
-        generated::{bpf_fib_lookup as fib_lookup, bpf_redirect},
+        bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_probe_read_kernel,
+        generated::{bpf_fib_lookup as fib_lookup, bpf_perf_event_output, bpf_redirect},
     },
     macros::{classifier, fentry, map},
-    maps::{Array, HashMap, PerCpuHashMap},
+    maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, PerfEventArray},
     programs::{FEntryContext, TcContext},
 };
 use imq_common::{
     Counters, DEVICE_DOWN, DIRECTION_EGRESS, DIRECTION_INGRESS, Device, EntryKey, FLOW_PORTS, FlowKey, Hook, HookKey,
-    MAX_DEVICES, MAX_ENTRIES, MAX_HOOKS, MAX_RULES, MAX_SHAPES, RuleKey, RuleSpec, TARGET_SET_MARK,
-    TARGET_SET_PRIORITY, Target,
+    MAX_DEVICES, MAX_ENTRIES, MAX_HOOKS, MAX_RULES, MAX_SHAPES, MAX_SNAPLEN, MONITOR_DEV, MONITOR_DIRECTION,
+    MONITOR_IFINDEX, MONITOR_PRIO, MONITOR_SELECTED, MONITOR_UNMATCHED, MonitorConfig, MonitorEvent, MonitorState,
+    RuleKey, RuleSpec, TARGET_SET_MARK, TARGET_SET_PRIORITY, Target, VERDICT_BYPASSED, VERDICT_SELECTED,
+    VERDICT_UNMATCHED,
 };
 
 /// The generation in use (index 0). Only ever 0 or 1, so a reader racing the flip
@@ -61,6 +65,22 @@ static IFINDEXES: HashMap<u32, u32> = HashMap::with_max_entries(2 * MAX_DEVICES,
 #[map(name = "imq_counters")]
 static COUNTERS: PerCpuHashMap<u32, Counters> = PerCpuHashMap::with_max_entries(MAX_RULES, BPF_F_NO_PREALLOC);
 
+/// What `imqctl monitor` asked to see; all zero when nobody watches.
+#[map(name = "imq_monitor")]
+static MONITOR: Array<MonitorConfig> = Array::with_max_entries(1, 0);
+
+/// Per CPU: the monitor's token bucket and what it held back.
+#[map(name = "imq_monitor_state")]
+static MONITOR_STATE: PerCpuArray<MonitorState> = PerCpuArray::with_max_entries(1, 0);
+
+/// Monitor events, one perf buffer per CPU. Chosen over a BPF ring buffer (5.8, so on
+/// every kernel imq runs on) because its buffers exist only while a monitor has them
+/// open (a ring buffer's memory is allocated with the map, in every namespace, for
+/// good), and because bpf_perf_event_output appends the packet's own bytes to an
+/// event from the skb (bpf_skb_event_output), without copying them here first.
+#[map(name = "imq_events")]
+static EVENTS: PerfEventArray<MonitorEvent> = PerfEventArray::new(0);
+
 /// TCX verdict "not mine": the next TCX program, then classic tc filters, still run.
 const TCX_NEXT: i32 = TC_ACT_UNSPEC;
 /// cls_bpf (classic mode) verdicts: match with the filter's own classid, or no match.
@@ -88,13 +108,22 @@ const MAX_EXT_HEADERS: usize = 8;
 #[classifier]
 pub fn imq_ingress(ctx: TcContext) -> i32 {
     match select(&ctx, DIRECTION_INGRESS) {
-        Some(sel) => {
+        Outcome::Selected(flow, sel) => {
             act(&ctx, &sel);
+            monitor(&ctx, DIRECTION_INGRESS, VERDICT_SELECTED, &flow, &sel.target);
             // SAFETY: plain helper call; the verdict it returns (TC_ACT_REDIRECT, or
             // TC_ACT_SHOT for bad flags, which we never pass) is handed to the kernel.
             unsafe { bpf_redirect(sel.ifindex, 0) as i32 }
         }
-        None => TCX_NEXT,
+        Outcome::Bypassed(flow, target) => {
+            monitor(&ctx, DIRECTION_INGRESS, VERDICT_BYPASSED, &flow, &target);
+            TCX_NEXT
+        }
+        Outcome::Unmatched(flow, _) => {
+            monitor(&ctx, DIRECTION_INGRESS, VERDICT_UNMATCHED, &flow, &NO_RULE);
+            TCX_NEXT
+        }
+        Outcome::Pass => TCX_NEXT,
     }
 }
 
@@ -145,9 +174,18 @@ fn classic(ctx: &TcContext, direction: u32) -> i32 {
     // SAFETY: ctx.skb.skb is the context pointer the kernel gave this program.
     let filter_dev = unsafe { (*ctx.skb.skb).tc_classid & 0xffff };
     match select(ctx, direction) {
-        Some(sel) if sel.target.dev == filter_dev => {
+        Outcome::Selected(flow, sel) if sel.target.dev == filter_dev => {
             act(ctx, &sel);
+            monitor(ctx, direction, VERDICT_SELECTED, &flow, &sel.target);
             CLS_MATCH
+        }
+        Outcome::Bypassed(flow, target) if target.dev == filter_dev => {
+            monitor(ctx, direction, VERDICT_BYPASSED, &flow, &target);
+            CLS_NO_MATCH
+        }
+        Outcome::Unmatched(flow, dev) if dev == filter_dev => {
+            monitor(ctx, direction, VERDICT_UNMATCHED, &flow, &NO_RULE);
+            CLS_NO_MATCH
         }
         _ => CLS_NO_MATCH,
     }
@@ -165,6 +203,30 @@ struct Selection {
     target: Target,
     ifindex: u32,
 }
+
+/// What classification decided, with the packet's flow key for `imqctl monitor`.
+enum Outcome {
+    /// Not imq's: the interface has no rules in this direction.
+    Pass,
+    /// No rule took it (a packet that is not a complete IPv4/IPv6 packet included,
+    /// with family 0); the imq device whose classic filter reports it.
+    Unmatched(FlowKey, u32),
+    /// A rule took it, but its device is down or missing: it passes unshaped.
+    Bypassed(FlowKey, Target),
+    Selected(FlowKey, Selection),
+}
+
+/// The rule of an unmatched packet in a monitor event.
+const NO_RULE: Target = Target {
+    prio: u32::MAX,
+    rule_id: u32::MAX,
+    dev: u32::MAX,
+    flags: 0,
+    set_mark_value: 0,
+    set_mark_mask: 0,
+    priority: 0,
+    _reserved: 0,
+};
 
 /// The rule's actions, on a packet that is being sent to its imq device.
 #[inline(always)]
@@ -184,34 +246,145 @@ fn act(ctx: &TcContext, sel: &Selection) {
     count(t.rule_id, ctx.len());
 }
 
-/// The imq device the packet is selected for, if any.
+/// Whether the packet is selected for an imq device, and which.
 ///
 /// Every "no" is deliberate and leaves the packet untouched: not IPv4/IPv6, a header
 /// too short to be a real packet, no rules on this hook, no rule matching, or a target
 /// device that does not exist or is down (pass unshaped rather than drop, as IMQ did).
 #[inline(always)]
-fn select(ctx: &TcContext, direction: u32) -> Option<Selection> {
+fn select(ctx: &TcContext, direction: u32) -> Outcome {
     // SAFETY: ctx.skb.skb is the context pointer the kernel gave this program.
-    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    let generation = *ACTIVE.get(0)?;
+    let (ifindex, mark) = unsafe { ((*ctx.skb.skb).ifindex, (*ctx.skb.skb).mark) };
+    let Some(generation) = ACTIVE.get(0) else {
+        return Outcome::Pass;
+    };
     let hook = HookKey {
         ifindex,
         direction: direction as u16,
-        generation: generation as u16,
+        generation: *generation as u16,
     };
     // SAFETY: the value is only read, and an update replaces the element instead of
     // writing into it (see HOOKS).
-    let shapes = unsafe { HOOKS.get(hook) }?;
-    let flow = parse(ctx)?;
-    let target = search(hook, shapes, &flow)?;
+    let Some(shapes) = (unsafe { HOOKS.get(hook) }) else {
+        return Outcome::Pass;
+    };
+    let Some(flow) = parse(ctx, mark) else {
+        let flow = FlowKey {
+            mark,
+            ..FlowKey::default()
+        };
+        return Outcome::Unmatched(flow, shapes.unmatched_dev);
+    };
+    let Some(target) = search(hook, shapes, &flow) else {
+        return Outcome::Unmatched(flow, shapes.unmatched_dev);
+    };
     let dev = DEVICES.get(target.dev).copied().unwrap_or_default();
     if dev.ifindex == 0 || dev.flags & DEVICE_DOWN != 0 || !device_exists(ctx, dev.ifindex) {
-        return None;
+        return Outcome::Bypassed(flow, target);
     }
-    Some(Selection {
-        target,
-        ifindex: dev.ifindex,
-    })
+    Outcome::Selected(
+        flow,
+        Selection {
+            target,
+            ifindex: dev.ifindex,
+        },
+    )
+}
+
+/// Reports the packet to `imqctl monitor`, if one watches. When none does, this is the
+/// data path's whole cost of the monitor: one array element read, one branch.
+#[inline(always)]
+fn monitor(ctx: &TcContext, direction: u32, verdict: u8, flow: &FlowKey, target: &Target) {
+    let Some(cfg) = MONITOR.get(0) else {
+        return;
+    };
+    if cfg.flags != 0 {
+        report(ctx, cfg, direction, verdict, flow, target);
+    }
+}
+
+#[inline(always)]
+fn report(ctx: &TcContext, cfg: &MonitorConfig, direction: u32, verdict: u8, flow: &FlowKey, target: &Target) {
+    let flags = cfg.flags;
+    let wanted = if verdict == VERDICT_UNMATCHED {
+        MONITOR_UNMATCHED
+    } else {
+        MONITOR_SELECTED
+    };
+    // SAFETY: ctx.skb.skb is the context pointer the kernel gave this program.
+    let (ifindex, mark, priority) = unsafe {
+        let skb = ctx.skb.skb;
+        ((*skb).ifindex, (*skb).mark, (*skb).priority)
+    };
+    if flags & wanted == 0
+        || (flags & MONITOR_IFINDEX != 0 && ifindex != cfg.ifindex)
+        || (flags & MONITOR_DIRECTION != 0 && direction != cfg.direction)
+        || (flags & MONITOR_PRIO != 0 && target.prio != cfg.prio)
+        || (flags & MONITOR_DEV != 0 && target.dev != cfg.dev)
+    {
+        return;
+    }
+    let sample = cfg.sample;
+    // SAFETY: plain helper call.
+    if sample > 1 && unsafe { bpf_get_prandom_u32() } % sample != 0 {
+        return;
+    }
+    let Some(state) = MONITOR_STATE.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: plain helper call.
+    let now = unsafe { bpf_ktime_get_ns() };
+    // A token bucket of `rate` events per second, as deep as one second's worth. In
+    // units of 10^-9 event, so that the refill is exact; the time since the last event
+    // is taken at most one second, which keeps the product within 64 bits.
+    const ONE: u64 = 1_000_000_000;
+    let rate = u64::from(cfg.rate);
+    // SAFETY: per-CPU element; only this CPU touches it while the program runs.
+    unsafe {
+        let elapsed = now.wrapping_sub((*state).last_ns).min(ONE);
+        (*state).last_ns = now;
+        let tokens = ((*state).tokens + elapsed * rate).min(ONE * rate);
+        if tokens < ONE {
+            (*state).tokens = tokens;
+            (*state).limited += 1;
+            return;
+        }
+        (*state).tokens = tokens - ONE;
+    }
+    let len = ctx.len();
+    let cap_len = cfg.snaplen.min(len).min(MAX_SNAPLEN);
+    let event = MonitorEvent {
+        ts_ns: now,
+        ifindex,
+        len,
+        flow: *flow,
+        mark,
+        priority,
+        rule_id: target.rule_id,
+        prio: target.prio,
+        dev: target.dev,
+        direction: direction as u8,
+        verdict,
+        _reserved: 0,
+        cap_len,
+    };
+    // bpf_perf_event_output, not PerfEventArray::output, for its answer: -ENOSPC when
+    // the reader fell behind. The upper 32 bits of the flags ask the kernel to append
+    // that many bytes of the packet to the event.
+    // SAFETY: the context pointer, the map, and a stack value of the given size.
+    let ret = unsafe {
+        bpf_perf_event_output(
+            ctx.as_ptr(),
+            (&raw const EVENTS).cast_mut().cast(),
+            (u64::from(cap_len) << 32) | BPF_F_CURRENT_CPU,
+            (&raw const event).cast_mut().cast(),
+            size_of::<MonitorEvent>() as u64,
+        )
+    };
+    if ret != 0 {
+        // SAFETY: as above.
+        unsafe { (*state).lost += 1 };
+    }
 }
 
 /// The lowest-prio entry matching `flow` over the hook's shapes: one lookup per shape,
@@ -275,10 +448,8 @@ const DIRECT_READ_LIMIT: usize = 256;
 /// behind an Ethernet header: ARP, in-band VLAN tags and other frames are never
 /// queued. A short packet fails the read (see [`read`]).
 #[inline(always)]
-fn parse(ctx: &TcContext) -> Option<FlowKey> {
+fn parse(ctx: &TcContext, mark: u32) -> Option<FlowKey> {
     let ethertype = u16::from_be(read::<u16>(ctx, 12)?);
-    // SAFETY: ctx.skb.skb is the context pointer the kernel gave this program.
-    let mark = unsafe { (*ctx.skb.skb).mark };
     let mut flow = FlowKey {
         mark,
         ..FlowKey::default()

@@ -43,6 +43,7 @@ pub fn compile<'a>(rules: impl IntoIterator<Item = (u32, &'a Rule)>, name: impl 
         let mut shapes: Vec<Shape> = Vec::new();
         let mut entries: HashMap<(usize, FlowKey), Target> = HashMap::new();
         let mut order = Vec::new();
+        let unmatched_dev = rules.iter().map(|(_, r)| r.dev.0).min().unwrap_or(0);
         for (id, rule) in rules {
             for (mask, value) in patterns(rule) {
                 // Rules of one family get shapes of their own, even where the mask
@@ -74,6 +75,7 @@ pub fn compile<'a>(rules: impl IntoIterator<Item = (u32, &'a Rule)>, name: impl 
         }
         let mut hook = Hook::empty();
         hook.len = shapes.len() as u32;
+        hook.unmatched_dev = unmatched_dev;
         hook.shapes[..shapes.len()].copy_from_slice(&shapes);
         out.hooks.push((hook_key, hook));
         for key in order {

@@ -86,6 +86,10 @@ pub enum Error {
     /// A rule file that cannot be read as a whole, named with its path.
     #[error("{0}")]
     Config(String),
+    #[error("imq has no rules in this network namespace: nothing to monitor")]
+    NothingToMonitor,
+    #[error("imqctl monitor (pid {0}) already runs in this network namespace: one at a time")]
+    MonitorBusy(u32),
     #[error("netlink: {0}")]
     Netlink(String),
     #[error("bpf: {0}")]

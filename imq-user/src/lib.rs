@@ -9,6 +9,7 @@ pub mod compile;
 mod devices;
 pub mod error;
 pub mod metrics;
+pub mod monitor;
 pub mod netlink;
 pub mod rule;
 pub mod rulefile;
@@ -250,6 +251,21 @@ impl Imq {
             leave_down: false,
             held: None,
         })
+    }
+
+    /// Starts reporting what the data path decides (`imqctl monitor`).
+    pub fn monitor(&self, req: &monitor::MonitorRequest) -> Result<monitor::Monitor> {
+        let ifindex = match &req.interface {
+            Some(name) => Some(
+                self.nl
+                    .link_by_name(name)?
+                    .ok_or_else(|| Error::NoSuchInterface(name.clone()))?
+                    .index,
+            ),
+            None => None,
+        };
+        let state = State::open(self.bpffs())?.ok_or(Error::NothingToMonitor)?;
+        monitor::Monitor::start(state, Netlink::new()?, req, ifindex)
     }
 
     fn bpffs(&self) -> Option<&std::path::Path> {

@@ -4,9 +4,11 @@
 //! <bpffs>/imq/                      lock for every imqctl on the host
 //! <bpffs>/imq/net-<cookie>/         one network namespace (SO_NETNS_COOKIE;
 //!                                   net-inode-<n> on kernels without it)
-//!     layout-2                              the layout of what is below
-//!     imq_rules imq_active imq_hooks imq_entries imq_devices imq_counters
+//!     layout-3                              the layout of what is below
+//!     imq_rules imq_active imq_hooks imq_entries imq_devices imq_ifindexes
+//!     imq_counters imq_monitor imq_monitor_state imq_events
 //!                                           maps (see imq-common)
+//!     device_setups                         [[device]] qdisc setups (on first use)
 //!     prog_ingress prog_ingress_cls prog_egress
 //!                                           the TC programs (each once used)
 //!     link_ingress_<ifindex>                TCX link of one interface
@@ -30,9 +32,9 @@ use aya::{
     },
 };
 use imq_common::{
-    ACTIVE_MAP, COUNTERS_MAP, Counters, DEVICE_DOWN, DEVICES_MAP, Device, EGRESS_PROG, ENTRIES_MAP, EntryKey,
-    HOOKS_MAP, Hook, HookKey, IFINDEXES_MAP, INGRESS_CLS_PROG, INGRESS_PROG, NETDEV_EVENT_PROG, RULES_MAP, RuleKey,
-    RuleSpec, Target,
+    ACTIVE_MAP, COUNTERS_MAP, Counters, DEVICE_DOWN, DEVICES_MAP, Device, EGRESS_PROG, ENTRIES_MAP, EVENTS_MAP,
+    EntryKey, HOOKS_MAP, Hook, HookKey, IFINDEXES_MAP, INGRESS_CLS_PROG, INGRESS_PROG, MONITOR_MAP, MONITOR_STATE_MAP,
+    NETDEV_EVENT_PROG, RULES_MAP, RuleKey, RuleSpec, Target,
 };
 
 use crate::{
@@ -80,7 +82,7 @@ impl Prog {
 
 const LINK_NETDEV_EVENT: &str = "link_netdev_event";
 /// A directory that names the layout of the pinned maps (bpffs holds no regular files).
-const LAYOUT: &str = "layout-2";
+const LAYOUT: &str = "layout-3";
 /// A directory whose presence says the device hooks could not be loaded here.
 const NO_DEVICE_HOOKS: &str = "no_device_hooks";
 
@@ -270,6 +272,9 @@ impl State {
             DEVICES_MAP,
             IFINDEXES_MAP,
             COUNTERS_MAP,
+            MONITOR_MAP,
+            MONITOR_STATE_MAP,
+            EVENTS_MAP,
         ]
         .into_iter()
         .map(|m| (m, dir.join(m)))
@@ -341,6 +346,17 @@ impl State {
         link.pin(self.dir.join(LINK_NETDEV_EVENT))
             .map_err(|e| Error::bpf("pin link", e))?;
         Ok(())
+    }
+
+    /// The monitor's configuration, per-CPU state and perf event array, owned by the
+    /// caller (they stay usable after the state and its lock are dropped).
+    pub fn take_monitor_maps(&mut self) -> Result<(aya::maps::Map, aya::maps::Map, aya::maps::Map)> {
+        let mut take = |name: &str| {
+            self.ebpf
+                .take_map(name)
+                .ok_or_else(|| Error::Bpf(format!("map {name} missing from the object")))
+        };
+        Ok((take(MONITOR_MAP)?, take(MONITOR_STATE_MAP)?, take(EVENTS_MAP)?))
     }
 
     fn map_mut(&mut self, name: &str) -> Result<&mut aya::maps::Map> {

@@ -23,6 +23,7 @@ const TOOLS: &[(&str, &str)] = &[
     ("ping", "iputils-ping"),
     ("iptables", "iptables"),
     ("nft", "nftables"),
+    ("tcpdump", "tcpdump"),
     // `cargo xtask dist`
     ("dpkg-deb", "dpkg"),
     ("objcopy", "binutils"),

@@ -55,6 +55,7 @@ const GUEST_TOOLS: &[&str] = &[
     "iptables",
     "ip6tables",
     "nft",
+    "tcpdump",
     "setpriv",
     "sysctl",
     "kmod",

@@ -8,6 +8,7 @@ use std::{path::PathBuf, process::ExitCode};
 use clap::{Args, CommandFactory as _, Parser, Subcommand};
 use imq::{
     AttachRequest, Attached, DEFAULT_TXQUEUELEN, Imq, Options, metrics,
+    monitor::{MonitorRequest, PcapWriter},
     rule::{Actions, ClassId, DevName, Directions, Dscp, Mark, Match, PortRange, Prefix, Proto, Selector},
     rulefile,
     shaper::{Diffserv, LinkLayer, Rate, Shaper, ShaperQdisc},
@@ -97,6 +98,66 @@ One line per event on stderr. imq.service runs it at boot with /etc/imq/imq.toml
         /// http://ADDR/metrics, e.g. 127.0.0.1:9464
         #[arg(long, value_name = "ADDR")]
         metrics: Option<std::net::SocketAddr>,
+    },
+    /// Watch, packet by packet, what imq's rules decide: which rule took a packet, into
+    /// which imq device, with what mark and class; or which packets no rule took
+    #[command(
+        after_long_help = "Each line: time, interface, direction, the rule's prio and imq device (or
+`unmatched`), the class and mark it set, then what the classifier saw: protocol,
+addresses, ports, DSCP and the packet's length from its Ethernet header.
+`bypassed` means a rule took the packet but its imq device is down or missing: it
+passed unshaped.
+
+Examples:
+  imqctl monitor                           what every rule takes
+  imqctl monitor eth0 --unmatched          what no rule of eth0 takes: why is my VoIP not matched?
+  imqctl monitor --prio 10 -c 20           twenty packets of the rule at prio 10
+  imqctl monitor --all -w /tmp/imq.pcap    capture for tcpdump -r or Wireshark
+  imqctl monitor -w - | tcpdump -nr -      decode on the fly
+
+Filters, sampling and the rate limit run in the kernel. Events over --rate, and
+events the buffers had no room for, are counted and reported on exit (stderr).
+One monitor at a time in a network namespace. Costs nothing when none runs."
+    )]
+    Monitor {
+        /// Only this interface
+        interface: Option<String>,
+        /// ingress, egress or both
+        #[arg(long, short, default_value = "both", value_parser = parse::<Directions>)]
+        direction: Directions,
+        /// Only the rule at this prio
+        #[arg(long)]
+        prio: Option<u32>,
+        /// Only packets for this imq device
+        #[arg(long, value_parser = parse::<DevName>)]
+        dev: Option<DevName>,
+        /// Only packets of attached interfaces that no rule took
+        #[arg(long, conflicts_with_all = ["all", "prio", "dev"])]
+        unmatched: bool,
+        /// Packets rules took and packets no rule took
+        #[arg(long)]
+        all: bool,
+        /// Report one packet in N (chosen at random)
+        #[arg(long, default_value_t = 1, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+        sample: u32,
+        /// At most N events per second and CPU
+        #[arg(long, default_value_t = 1000, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+        rate: u32,
+        /// Write the packets to FILE in pcap format instead of printing lines ("-": stdout)
+        #[arg(long, short = 'w', value_name = "FILE")]
+        write: Option<PathBuf>,
+        /// Bytes of each packet to capture with -w
+        #[arg(long, default_value_t = 256, value_name = "BYTES", value_parser = clap::value_parser!(u32).range(1..=65535))]
+        snaplen: u32,
+        /// One JSON object per line
+        #[arg(long, short, conflicts_with = "write")]
+        json: bool,
+        /// Stop after N packets
+        #[arg(long, short = 'c', value_name = "N")]
+        count: Option<u64>,
+        /// Stop after this many seconds
+        #[arg(long, value_name = "SECONDS", value_parser = parse_seconds)]
+        duration: Option<std::time::Duration>,
     },
     /// imq devices, rules in match order, and what each rule queued
     Show {
@@ -316,6 +377,49 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Export => print!("{}", imq.export()?),
         Command::Watch { file, metrics } => watch(&mut imq, file, metrics)?,
+        Command::Monitor {
+            interface,
+            direction,
+            prio,
+            dev,
+            unmatched,
+            all,
+            sample,
+            rate,
+            write,
+            snaplen,
+            json,
+            count,
+            duration,
+        } => {
+            let mut dirs = direction.iter();
+            let req = MonitorRequest {
+                interface,
+                direction: match (dirs.next(), dirs.next()) {
+                    (Some(d), None) => Some(d),
+                    _ => None,
+                },
+                prio,
+                dev,
+                selected: !unmatched,
+                unmatched: unmatched || all,
+                sample,
+                rate,
+                snaplen: if write.is_some() { snaplen } else { 0 },
+            };
+            let output = match &write {
+                None => Output::Lines { json },
+                Some(path) => {
+                    let out: Box<dyn std::io::Write> = if path.as_os_str() == "-" {
+                        Box::new(std::io::stdout().lock())
+                    } else {
+                        Box::new(std::fs::File::create(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?)
+                    };
+                    Output::Pcap(PcapWriter::new(std::io::BufWriter::new(out), snaplen)?)
+                }
+            };
+            monitor(&imq, &req, output, count, duration)?;
+        }
         Command::Show { json, format } => {
             let status = imq.show()?;
             match (json, format.as_str()) {
@@ -350,6 +454,85 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Completions { .. } | Command::Manpages { .. } => unreachable!("handled without privileges"),
     }
     Ok(())
+}
+
+enum Output {
+    Lines { json: bool },
+    Pcap(PcapWriter<std::io::BufWriter<Box<dyn std::io::Write>>>),
+}
+
+static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn stop(_: libc::c_int) {
+    STOP.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Runs a monitor until `count` packets, `duration`, SIGINT or SIGTERM, or a reader
+/// that went away (a closed pipe); then says what the kernel held back.
+fn monitor(
+    imq: &Imq,
+    req: &MonitorRequest,
+    mut output: Output,
+    count: Option<u64>,
+    duration: Option<std::time::Duration>,
+) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    // SAFETY: the handler only stores to an atomic.
+    unsafe {
+        libc::signal(libc::SIGINT, stop as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, stop as *const () as libc::sighandler_t);
+    }
+    let mut mon = imq.monitor(req)?;
+    let deadline = duration.map(|d| std::time::Instant::now() + d);
+    let mut seen = 0u64;
+    let mut stdout = std::io::stdout().lock();
+    let mut result: std::io::Result<()> = Ok(());
+    eprintln!("monitoring; Ctrl-C stops");
+    while !STOP.load(std::sync::atomic::Ordering::Relaxed)
+        && count.is_none_or(|c| seen < c)
+        && deadline.is_none_or(|d| std::time::Instant::now() < d)
+        && result.is_ok()
+    {
+        let wait = deadline.map_or(std::time::Duration::from_millis(200), |d| {
+            d.saturating_duration_since(std::time::Instant::now())
+                .min(std::time::Duration::from_millis(200))
+        });
+        mon.poll(wait, |e| {
+            if result.is_err() || count.is_some_and(|c| seen >= c) {
+                return;
+            }
+            seen += 1;
+            result = match &mut output {
+                Output::Lines { json: true } => serde_json::to_writer(&mut stdout, &e)
+                    .map_err(std::io::Error::from)
+                    .and_then(|()| writeln!(stdout)),
+                Output::Lines { json: false } => writeln!(stdout, "{e}"),
+                Output::Pcap(w) => w.write(&e),
+            };
+        })?;
+        result = result.and_then(|()| match &mut output {
+            Output::Pcap(w) => w.flush(),
+            Output::Lines { .. } => stdout.flush(),
+        });
+    }
+    let held = mon.held()?;
+    drop(mon);
+    match result {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => return Err(anyhow::anyhow!("write: {e}")),
+        _ => {}
+    }
+    eprintln!(
+        "{seen} packet(s); {} over --rate, not reported; {} lost (the reader fell behind)",
+        held.limited, held.lost
+    );
+    Ok(())
+}
+
+fn parse_seconds(s: &str) -> Result<std::time::Duration, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v > 0.0 && v < 1e9 => Ok(std::time::Duration::from_secs_f64(v)),
+        _ => Err(format!("invalid duration '{s}': seconds, more than 0")),
+    }
 }
 
 /// One page for imqctl and one per subcommand (imqctl-attach.8, ...).
