@@ -73,6 +73,13 @@ static MONITOR: Array<MonitorConfig> = Array::with_max_entries(1, 0);
 #[map(name = "imq_monitor_state")]
 static MONITOR_STATE: PerCpuArray<MonitorState> = PerCpuArray::with_max_entries(1, 0);
 
+/// Per CPU: the event being built. The classifier leaves its flow key here, only when
+/// a monitor watches, so that the key need not live to the end of the program (kept
+/// alive, it cost every packet stack copies, about 10 ns in BPF_PROG_TEST_RUN); the
+/// event is then sent from here, not from the stack.
+#[map(name = "imq_monitor_event")]
+static SCRATCH: PerCpuArray<MonitorEvent> = PerCpuArray::with_max_entries(1, 0);
+
 /// Monitor events, one perf buffer per CPU. Chosen over a BPF ring buffer (5.8, so on
 /// every kernel imq runs on) because its buffers exist only while a monitor has them
 /// open (a ring buffer's memory is allocated with the map, in every namespace, for
@@ -107,20 +114,27 @@ const MAX_EXT_HEADERS: usize = 8;
 
 #[classifier]
 pub fn imq_ingress(ctx: TcContext) -> i32 {
-    match select(&ctx, DIRECTION_INGRESS) {
-        Outcome::Selected(flow, sel) => {
+    let watched = watched();
+    match select(&ctx, DIRECTION_INGRESS, watched) {
+        Outcome::Selected(sel) => {
             act(&ctx, &sel);
-            monitor(&ctx, DIRECTION_INGRESS, VERDICT_SELECTED, &flow, &sel.target);
+            if watched {
+                report(&ctx, DIRECTION_INGRESS, VERDICT_SELECTED, &sel.target);
+            }
             // SAFETY: plain helper call; the verdict it returns (TC_ACT_REDIRECT, or
             // TC_ACT_SHOT for bad flags, which we never pass) is handed to the kernel.
             unsafe { bpf_redirect(sel.ifindex, 0) as i32 }
         }
-        Outcome::Bypassed(flow, target) => {
-            monitor(&ctx, DIRECTION_INGRESS, VERDICT_BYPASSED, &flow, &target);
+        Outcome::Bypassed(target) => {
+            if watched {
+                report(&ctx, DIRECTION_INGRESS, VERDICT_BYPASSED, &target);
+            }
             TCX_NEXT
         }
-        Outcome::Unmatched(flow, _) => {
-            monitor(&ctx, DIRECTION_INGRESS, VERDICT_UNMATCHED, &flow, &NO_RULE);
+        Outcome::Unmatched(_) => {
+            if watched {
+                report(&ctx, DIRECTION_INGRESS, VERDICT_UNMATCHED, &NO_RULE);
+            }
             TCX_NEXT
         }
         Outcome::Pass => TCX_NEXT,
@@ -173,18 +187,25 @@ pub fn imq_egress(ctx: TcContext) -> i32 {
 fn classic(ctx: &TcContext, direction: u32) -> i32 {
     // SAFETY: ctx.skb.skb is the context pointer the kernel gave this program.
     let filter_dev = unsafe { (*ctx.skb.skb).tc_classid & 0xffff };
-    match select(ctx, direction) {
-        Outcome::Selected(flow, sel) if sel.target.dev == filter_dev => {
+    let watched = watched();
+    match select(ctx, direction, watched) {
+        Outcome::Selected(sel) if sel.target.dev == filter_dev => {
             act(ctx, &sel);
-            monitor(ctx, direction, VERDICT_SELECTED, &flow, &sel.target);
+            if watched {
+                report(ctx, direction, VERDICT_SELECTED, &sel.target);
+            }
             CLS_MATCH
         }
-        Outcome::Bypassed(flow, target) if target.dev == filter_dev => {
-            monitor(ctx, direction, VERDICT_BYPASSED, &flow, &target);
+        Outcome::Bypassed(target) if target.dev == filter_dev => {
+            if watched {
+                report(ctx, direction, VERDICT_BYPASSED, &target);
+            }
             CLS_NO_MATCH
         }
-        Outcome::Unmatched(flow, dev) if dev == filter_dev => {
-            monitor(ctx, direction, VERDICT_UNMATCHED, &flow, &NO_RULE);
+        Outcome::Unmatched(dev) if dev == filter_dev => {
+            if watched {
+                report(ctx, direction, VERDICT_UNMATCHED, &NO_RULE);
+            }
             CLS_NO_MATCH
         }
         _ => CLS_NO_MATCH,
@@ -204,16 +225,16 @@ struct Selection {
     ifindex: u32,
 }
 
-/// What classification decided, with the packet's flow key for `imqctl monitor`.
+/// What classification decided.
 enum Outcome {
     /// Not imq's: the interface has no rules in this direction.
     Pass,
-    /// No rule took it (a packet that is not a complete IPv4/IPv6 packet included,
-    /// with family 0); the imq device whose classic filter reports it.
-    Unmatched(FlowKey, u32),
+    /// No rule took it (a packet that is not a complete IPv4/IPv6 packet included);
+    /// the imq device whose classic filter reports it.
+    Unmatched(u32),
     /// A rule took it, but its device is down or missing: it passes unshaped.
-    Bypassed(FlowKey, Target),
-    Selected(FlowKey, Selection),
+    Bypassed(Target),
+    Selected(Selection),
 }
 
 /// The rule of an unmatched packet in a monitor event.
@@ -252,7 +273,7 @@ fn act(ctx: &TcContext, sel: &Selection) {
 /// too short to be a real packet, no rules on this hook, no rule matching, or a target
 /// device that does not exist or is down (pass unshaped rather than drop, as IMQ did).
 #[inline(always)]
-fn select(ctx: &TcContext, direction: u32) -> Outcome {
+fn select(ctx: &TcContext, direction: u32, watched: bool) -> Outcome {
     // SAFETY: ctx.skb.skb is the context pointer the kernel gave this program.
     let (ifindex, mark) = unsafe { ((*ctx.skb.skb).ifindex, (*ctx.skb.skb).mark) };
     let Some(generation) = ACTIVE.get(0) else {
@@ -269,42 +290,53 @@ fn select(ctx: &TcContext, direction: u32) -> Outcome {
         return Outcome::Pass;
     };
     let Some(flow) = parse(ctx, mark) else {
-        let flow = FlowKey {
-            mark,
-            ..FlowKey::default()
-        };
-        return Outcome::Unmatched(flow, shapes.unmatched_dev);
+        if watched {
+            keep_flow(&FlowKey {
+                mark,
+                ..FlowKey::default()
+            });
+        }
+        return Outcome::Unmatched(shapes.unmatched_dev);
     };
+    if watched {
+        keep_flow(&flow);
+    }
     let Some(target) = search(hook, shapes, &flow) else {
-        return Outcome::Unmatched(flow, shapes.unmatched_dev);
+        return Outcome::Unmatched(shapes.unmatched_dev);
     };
     let dev = DEVICES.get(target.dev).copied().unwrap_or_default();
     if dev.ifindex == 0 || dev.flags & DEVICE_DOWN != 0 || !device_exists(ctx, dev.ifindex) {
-        return Outcome::Bypassed(flow, target);
+        return Outcome::Bypassed(target);
     }
-    Outcome::Selected(
-        flow,
-        Selection {
-            target,
-            ifindex: dev.ifindex,
-        },
-    )
+    Outcome::Selected(Selection {
+        target,
+        ifindex: dev.ifindex,
+    })
 }
 
-/// Reports the packet to `imqctl monitor`, if one watches. When none does, this is the
-/// data path's whole cost of the monitor: one array element read, one branch.
+/// Whether `imqctl monitor` watches: when it does not, this is the data path's whole
+/// cost of the monitor, one array element read and one branch.
 #[inline(always)]
-fn monitor(ctx: &TcContext, direction: u32, verdict: u8, flow: &FlowKey, target: &Target) {
+fn watched() -> bool {
+    MONITOR.get(0).is_some_and(|c| c.flags != 0)
+}
+
+/// Leaves what the classifier saw for [`report`].
+#[inline(always)]
+fn keep_flow(flow: &FlowKey) {
+    if let Some(e) = SCRATCH.get_ptr_mut(0) {
+        // SAFETY: per-CPU element; a TC program runs to its end on one CPU.
+        unsafe { (*e).flow = *flow };
+    }
+}
+
+/// Reports the packet to `imqctl monitor` (which watches), if its filters, sampling
+/// and rate let it through.
+#[inline(always)]
+fn report(ctx: &TcContext, direction: u32, verdict: u8, target: &Target) {
     let Some(cfg) = MONITOR.get(0) else {
         return;
     };
-    if cfg.flags != 0 {
-        report(ctx, cfg, direction, verdict, flow, target);
-    }
-}
-
-#[inline(always)]
-fn report(ctx: &TcContext, cfg: &MonitorConfig, direction: u32, verdict: u8, flow: &FlowKey, target: &Target) {
     let flags = cfg.flags;
     let wanted = if verdict == VERDICT_UNMATCHED {
         MONITOR_UNMATCHED
@@ -353,31 +385,33 @@ fn report(ctx: &TcContext, cfg: &MonitorConfig, direction: u32, verdict: u8, flo
     }
     let len = ctx.len();
     let cap_len = cfg.snaplen.min(len).min(MAX_SNAPLEN);
-    let event = MonitorEvent {
-        ts_ns: now,
-        ifindex,
-        len,
-        flow: *flow,
-        mark,
-        priority,
-        rule_id: target.rule_id,
-        prio: target.prio,
-        dev: target.dev,
-        direction: direction as u8,
-        verdict,
-        _reserved: 0,
-        cap_len,
+    let Some(event) = SCRATCH.get_ptr_mut(0) else {
+        return;
     };
+    // SAFETY: per-CPU element, its flow left by the classifier of this packet.
+    unsafe {
+        (*event).ts_ns = now;
+        (*event).ifindex = ifindex;
+        (*event).len = len;
+        (*event).mark = mark;
+        (*event).priority = priority;
+        (*event).rule_id = target.rule_id;
+        (*event).prio = target.prio;
+        (*event).dev = target.dev;
+        (*event).direction = direction as u8;
+        (*event).verdict = verdict;
+        (*event).cap_len = cap_len;
+    }
     // bpf_perf_event_output, not PerfEventArray::output, for its answer: -ENOSPC when
     // the reader fell behind. The upper 32 bits of the flags ask the kernel to append
     // that many bytes of the packet to the event.
-    // SAFETY: the context pointer, the map, and a stack value of the given size.
+    // SAFETY: the context pointer, the map, and a map value of the given size.
     let ret = unsafe {
         bpf_perf_event_output(
             ctx.as_ptr(),
             (&raw const EVENTS).cast_mut().cast(),
             (u64::from(cap_len) << 32) | BPF_F_CURRENT_CPU,
-            (&raw const event).cast_mut().cast(),
+            event.cast(),
             size_of::<MonitorEvent>() as u64,
         )
     };
@@ -391,7 +425,10 @@ fn report(ctx: &TcContext, cfg: &MonitorConfig, direction: u32, verdict: u8, flo
 /// stopping at the first shape whose rules all come after the best match so far.
 #[inline(always)]
 fn search(hook: HookKey, shapes: &Hook, flow: &FlowKey) -> Option<Target> {
-    let mut best: Option<Target> = None;
+    // The best entry so far, by reference: one register, never a partly defined copy
+    // (an Option<Target> left LLVM free to spill its undefined payload, which the
+    // verifier refuses as a read of an uninitialized register).
+    let mut best: Option<&Target> = None;
     let len = shapes.len as usize;
     for i in 0..MAX_SHAPES {
         if i >= len {
@@ -413,10 +450,10 @@ fn search(hook: HookKey, shapes: &Hook, flow: &FlowKey) -> Option<Target> {
         if let Some(t) = unsafe { ENTRIES.get(key) }
             && best.is_none_or(|b| t.prio < b.prio)
         {
-            best = Some(*t);
+            best = Some(t);
         }
     }
-    best
+    best.copied()
 }
 
 /// `size_of::<T>()` bytes of the packet at `off`: read in place when they are in the

@@ -133,7 +133,7 @@ fn over_rate(summary: &str) -> u64 {
 /// class and mark; what no rule took with `--all`; the lengths and ports of the
 /// packets sent; the rule counted exactly what was reported. IPv4 and IPv6.
 #[test]
-fn events_show_what_each_rule_took_and_what_none_took() {
+fn monitor_shows_what_each_rule_took_and_what_none_took() {
     require_root();
     let pair = Pair::new("mon").unwrap();
     let (c, s) = (&pair.client, &pair.server);
@@ -217,7 +217,7 @@ fn events_show_what_each_rule_took_and_what_none_took() {
 /// device): each packet is reported once, unmatched ones included, with its own
 /// device; `--dev` and `--prio` keep only theirs; the text format names them.
 #[test]
-fn egress_with_two_devices_reports_each_packet_once() {
+fn monitor_on_egress_with_two_devices_reports_each_packet_once() {
     require_root();
     let pair = Pair::new("mone").unwrap();
     let c = &pair.client;
@@ -274,7 +274,7 @@ fn egress_with_two_devices_reports_each_packet_once() {
 /// `-w FILE` writes pcap that tcpdump reads back: the packets sent, cut at
 /// `--snaplen`, with their original length.
 #[test]
-fn capture_is_pcap_that_tcpdump_reads() {
+fn monitor_capture_is_pcap_that_tcpdump_reads() {
     require_root();
     let pair = Pair::new("monw").unwrap();
     let (c, s) = (&pair.client, &pair.server);
@@ -348,7 +348,7 @@ impl Drop for RemoveOnDrop {
 /// plus over the rate is exactly what the rule took. `--sample N` reports about one
 /// in N.
 #[test]
-fn rate_and_sampling_bound_the_events() {
+fn monitor_rate_and_sampling_bound_the_events() {
     require_root();
     let pair = Pair::new("monr").unwrap();
     let (c, s) = (&pair.client, &pair.server);

@@ -1,0 +1,120 @@
+//! For `cargo xtask bench`: what `imqctl monitor` costs the ingress program per packet,
+//! through BPF_PROG_TEST_RUN on one 64-byte IPv4 UDP frame that a catch-all rule
+//! selects. Cases: no monitor (the data path's only cost is reading one flag); a
+//! monitor that watches another interface (its filters run); one whose rate limit
+//! holds every event back; one that reports every packet into perf buffers a reader
+//! drains, without and with 64 bytes of the packet. Prints one JSON array:
+//! `[{"case": "...", "ns_per_packet": X, "runs_ns": [...]}, ...]`. Needs root.
+
+#[allow(dead_code)]
+#[path = "../tests/harness/mod.rs"]
+mod harness;
+
+use aya::{
+    maps::{
+        Array, MapData,
+        perf::{PerfEvent, PerfEventArray, PerfEventArrayBuffer},
+    },
+    programs::{SchedClassifier, TestRun, TestRunOptions},
+};
+use harness::{A, B, Harness, TC_ACT_REDIRECT, ipv4, ports, rule_to};
+use imq_common::{EVENTS_MAP, INGRESS_PROG, MONITOR_IFINDEX, MONITOR_MAP, MONITOR_SELECTED, MonitorConfig};
+
+/// Runs per measurement: few enough that the events of one fit the perf buffers (so
+/// none is refused for want of room, which would be cheaper than a real report).
+const REPEAT: u32 = 2_000;
+const RUNS: usize = 201;
+
+fn main() -> anyhow::Result<()> {
+    let mut h = Harness::new();
+    h.install(&[(0, rule_to(10, 0, ""))]);
+    let frame = ipv4(A, B, 0, 17, 0, &ports(40000, 5201));
+    let cases: [(&str, MonitorConfig); 5] = [
+        ("no monitor", MonitorConfig::default()),
+        (
+            "monitor on another interface",
+            MonitorConfig {
+                flags: MONITOR_SELECTED | MONITOR_IFINDEX,
+                ifindex: 999_999,
+                rate: u32::MAX,
+                ..MonitorConfig::default()
+            },
+        ),
+        (
+            "monitor, every event over --rate",
+            MonitorConfig {
+                flags: MONITOR_SELECTED,
+                rate: 1,
+                ..MonitorConfig::default()
+            },
+        ),
+        (
+            "monitor, every packet reported",
+            MonitorConfig {
+                flags: MONITOR_SELECTED,
+                rate: u32::MAX,
+                ..MonitorConfig::default()
+            },
+        ),
+        (
+            "monitor, every packet reported with 64 bytes (-w)",
+            MonitorConfig {
+                flags: MONITOR_SELECTED,
+                rate: u32::MAX,
+                snaplen: 64,
+                ..MonitorConfig::default()
+            },
+        ),
+    ];
+    let mut buffers: Vec<PerfEventArrayBuffer<MapData>> = {
+        let mut events = PerfEventArray::try_from(h.ebpf.take_map(EVENTS_MAP).unwrap())?;
+        aya::util::online_cpus()
+            .map_err(|(w, e)| anyhow::anyhow!("{w}: {e}"))?
+            .into_iter()
+            .map(|cpu| events.open(cpu, Some(256)))
+            .collect::<Result<_, _>>()?
+    };
+    let mut out = Vec::new();
+    for (case, cfg) in cases {
+        Array::<_, MonitorConfig>::try_from(h.ebpf.map_mut(MONITOR_MAP).unwrap())?.set(0, cfg, 0)?;
+        let prog: &SchedClassifier = h.ebpf.program(INGRESS_PROG).unwrap().try_into()?;
+        let mut runs = Vec::new();
+        let mut reported = 0u64;
+        for _ in 0..RUNS {
+            let ctx = [0u8; 192];
+            let opts = TestRunOptions {
+                data_in: Some(&frame),
+                ctx_in: Some(&ctx),
+                repeat: REPEAT,
+                ..TestRunOptions::new()
+            };
+            let r = prog.test_run(opts)?;
+            anyhow::ensure!(r.return_value == TC_ACT_REDIRECT, "verdict {}", r.return_value);
+            runs.push(r.duration.as_nanos() as f64);
+            for b in &mut buffers {
+                b.for_each(|e| {
+                    if let PerfEvent::Sample { .. } = e {
+                        reported += 1;
+                    }
+                });
+            }
+        }
+        let expected = if cfg.flags != 0 && cfg.rate == u32::MAX && cfg.ifindex == 0 {
+            u64::from(REPEAT) * RUNS as u64
+        } else {
+            0
+        };
+        // The rate-limited case lets its first bucketful through.
+        anyhow::ensure!(
+            reported == expected || (cfg.rate == 1 && reported <= RUNS as u64 + 1),
+            "{case}: {reported} events, expected {expected}"
+        );
+        let mut sorted = runs.clone();
+        sorted.sort_by(f64::total_cmp);
+        out.push(
+            serde_json::json!({ "case": case, "ns_per_packet": sorted[RUNS / 2], "events": reported, "runs_ns": runs }),
+        );
+    }
+    println!("{}", serde_json::to_string(&out)?);
+    Ok(())
+}
