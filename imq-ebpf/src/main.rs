@@ -23,6 +23,12 @@ use aya_ebpf::{
     maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, PerfEventArray},
     programs::{FEntryContext, TcContext},
 };
+use core::mem::offset_of;
+use network_types::{
+    eth::{EthHdr, EtherType},
+    ip::{IpProto, Ipv4Hdr, Ipv6Hdr},
+};
+
 use imq_common::{
     Counters, DEVICE_DOWN, DIRECTION_EGRESS, DIRECTION_INGRESS, Device, EntryKey, FLOW_PORTS, FlowKey, Hook, HookKey,
     MAX_DEVICES, MAX_ENTRIES, MAX_HOOKS, MAX_RULES, MAX_SHAPES, MAX_SNAPLEN, MONITOR_DEV, MONITOR_DIRECTION,
@@ -94,21 +100,19 @@ const TCX_NEXT: i32 = TC_ACT_UNSPEC;
 const CLS_MATCH: i32 = -1;
 const CLS_NO_MATCH: i32 = 0;
 
-const ETH_HLEN: usize = 14;
-const ETH_P_IP: u16 = 0x0800;
-const ETH_P_IPV6: u16 = 0x86dd;
-const IPV4_MIN_HLEN: usize = 20;
-const IPV6_HLEN: usize = 40;
-
-const IPPROTO_HOPOPTS: u8 = 0;
-const IPPROTO_TCP: u8 = 6;
-const IPPROTO_UDP: u8 = 17;
-const IPPROTO_ROUTING: u8 = 43;
-const IPPROTO_FRAGMENT: u8 = 44;
-const IPPROTO_AH: u8 = 51;
-const IPPROTO_DSTOPTS: u8 = 60;
-const IPPROTO_SCTP: u8 = 132;
-const IPPROTO_UDPLITE: u8 = 136;
+// Header layouts and protocol numbers are network-types'. EtherType's values are in
+// network byte order, as the packet holds them: compared with the raw field, no swap.
+const ETH_P_IP: u16 = EtherType::Ipv4 as u16;
+const ETH_P_IPV6: u16 = EtherType::Ipv6 as u16;
+const IPPROTO_HOPOPTS: u8 = IpProto::HopOpt as u8;
+const IPPROTO_TCP: u8 = IpProto::Tcp as u8;
+const IPPROTO_UDP: u8 = IpProto::Udp as u8;
+const IPPROTO_ROUTING: u8 = IpProto::Ipv6Route as u8;
+const IPPROTO_FRAGMENT: u8 = IpProto::Ipv6Frag as u8;
+const IPPROTO_AH: u8 = IpProto::Ah as u8;
+const IPPROTO_DSTOPTS: u8 = IpProto::Ipv6Opts as u8;
+const IPPROTO_SCTP: u8 = IpProto::Sctp as u8;
+const IPPROTO_UDPLITE: u8 = IpProto::UdpLite as u8;
 /// IPv6 extension headers walked before giving up on reaching the transport header.
 const MAX_EXT_HEADERS: usize = 8;
 
@@ -291,10 +295,7 @@ fn select(ctx: &TcContext, direction: u32, watched: bool) -> Outcome {
     };
     let Some(flow) = parse(ctx, mark) else {
         if watched {
-            keep_flow(&FlowKey {
-                mark,
-                ..FlowKey::default()
-            });
+            keep_not_ip(mark);
         }
         return Outcome::Unmatched(shapes.unmatched_dev);
     };
@@ -327,6 +328,23 @@ fn keep_flow(flow: &FlowKey) {
     if let Some(e) = SCRATCH.get_ptr_mut(0) {
         // SAFETY: per-CPU element; a TC program runs to its end on one CPU.
         unsafe { (*e).flow = *flow };
+    }
+}
+
+/// As [`keep_flow`] for what is not an IPv4/IPv6 packet: the mark, and family 0 (the
+/// reader ignores addresses and ports then). Field by field: a whole zeroed key
+/// would become a call to memset, a BPF-to-BPF call that Linux 5.10 refuses here.
+#[inline(always)]
+fn keep_not_ip(mark: u32) {
+    if let Some(e) = SCRATCH.get_ptr_mut(0) {
+        // SAFETY: as in keep_flow.
+        unsafe {
+            (*e).flow.mark = mark;
+            (*e).flow.family = 0;
+            (*e).flow.proto = 0;
+            (*e).flow.dscp = 0;
+            (*e).flow.flags = 0;
+        }
     }
 }
 
@@ -486,7 +504,7 @@ const DIRECT_READ_LIMIT: usize = 256;
 /// queued. A short packet fails the read (see [`read`]).
 #[inline(always)]
 fn parse(ctx: &TcContext, mark: u32) -> Option<FlowKey> {
-    let ethertype = u16::from_be(read::<u16>(ctx, 12)?);
+    let ethertype = read::<u16>(ctx, offset_of!(EthHdr, ether_type))?;
     let mut flow = FlowKey {
         mark,
         ..FlowKey::default()
@@ -498,7 +516,9 @@ fn parse(ctx: &TcContext, mark: u32) -> Option<FlowKey> {
     };
     flow.proto = proto;
     if first_fragment && matches!(proto, IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP | IPPROTO_UDPLITE) {
-        // Truncated transport header: no ports, so no port rule matches.
+        // The ports are the first four bytes of each of these headers; only they are
+        // read (not a whole TcpHdr), so a truncated header still has them. Shorter
+        // still: no ports, so no port rule matches.
         if let Some(ports) = read::<[u8; 4]>(ctx, l4) {
             flow.sport = u16::from_be_bytes([ports[0], ports[1]]);
             flow.dport = u16::from_be_bytes([ports[2], ports[3]]);
@@ -512,41 +532,43 @@ fn parse(ctx: &TcContext, mark: u32) -> Option<FlowKey> {
 /// the transport header is in this packet: not a non-first fragment).
 #[inline(always)]
 fn parse_ipv4(ctx: &TcContext, flow: &mut FlowKey) -> Option<(u8, usize, bool)> {
-    let h = read::<[u8; IPV4_MIN_HLEN]>(ctx, ETH_HLEN)?;
-    let hlen = usize::from(h[0] & 0xf) * 4;
-    if h[0] >> 4 != 4 || hlen < IPV4_MIN_HLEN {
+    let h = read::<Ipv4Hdr>(ctx, EthHdr::LEN)?;
+    let hlen = usize::from(h.ihl());
+    if h.version() != 4 || hlen < Ipv4Hdr::LEN {
         return None;
     }
     // The whole header as IHL declares it, options included.
-    read::<u8>(ctx, ETH_HLEN + hlen - 1)?;
+    read::<u8>(ctx, EthHdr::LEN + hlen - 1)?;
     flow.family = 4;
-    flow.dscp = h[1] >> 2;
-    flow.src[0] = u32::from_ne_bytes([h[12], h[13], h[14], h[15]]);
-    flow.dst[0] = u32::from_ne_bytes([h[16], h[17], h[18], h[19]]);
-    let fragment_offset = u16::from_be_bytes([h[6], h[7]]) & 0x1fff;
-    Some((h[9], ETH_HLEN + hlen, fragment_offset == 0))
+    flow.dscp = h.dscp();
+    flow.src[0] = u32::from_ne_bytes(h.src_addr);
+    flow.dst[0] = u32::from_ne_bytes(h.dst_addr);
+    Some((h.proto, EthHdr::LEN + hlen, h.frag_offset() == 0))
 }
 
 /// As [`parse_ipv4`], walking at most [`MAX_EXT_HEADERS`] extension headers.
 #[inline(always)]
 fn parse_ipv6(ctx: &TcContext, flow: &mut FlowKey) -> Option<(u8, usize, bool)> {
-    let h = read::<[u8; IPV6_HLEN]>(ctx, ETH_HLEN)?;
-    if h[0] >> 4 != 6 {
+    let h = read::<Ipv6Hdr>(ctx, EthHdr::LEN)?;
+    if h.version() != 6 {
         return None;
     }
     flow.family = 6;
-    flow.dscp = ((h[0] & 0xf) << 2) | (h[1] >> 6);
+    flow.dscp = h.dscp();
     for i in 0..4 {
-        flow.src[i] = u32::from_ne_bytes([h[8 + 4 * i], h[9 + 4 * i], h[10 + 4 * i], h[11 + 4 * i]]);
-        flow.dst[i] = u32::from_ne_bytes([h[24 + 4 * i], h[25 + 4 * i], h[26 + 4 * i], h[27 + 4 * i]]);
+        let word = |a: &[u8; 16]| u32::from_ne_bytes([a[4 * i], a[4 * i + 1], a[4 * i + 2], a[4 * i + 3]]);
+        flow.src[i] = word(&h.src_addr);
+        flow.dst[i] = word(&h.dst_addr);
     }
-    let mut next = h[6];
-    let mut off = ETH_HLEN + IPV6_HLEN;
+    let mut next = h.next_hdr;
+    let mut off = EthHdr::LEN + Ipv6Hdr::LEN;
     let mut first_fragment = true;
     for _ in 0..MAX_EXT_HEADERS {
         let len = match next {
             IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS | IPPROTO_AH | IPPROTO_FRAGMENT => {
-                // Next header, then the length (8-octet units; 4-octet units for AH).
+                // Next header, then the length (8-octet units; 4-octet units for AH):
+                // the first bytes every extension header shares (network-types has no
+                // type for them).
                 let Some(e) = read::<[u8; 4]>(ctx, off) else {
                     // Truncated: the protocol stays the header we could not read.
                     return Some((next, off, false));

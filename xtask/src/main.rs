@@ -76,6 +76,9 @@ enum Task {
         /// Only write BENCHMARKS.md again from bench/results.json
         #[arg(long)]
         render_only: bool,
+        /// Only measure what `imqctl monitor` costs (section 8), keeping the other figures
+        #[arg(long, conflicts_with = "render_only")]
+        monitor_only: bool,
     },
 }
 
@@ -198,8 +201,9 @@ fn main() -> ExitCode {
             println!("built {}", dist::package()?.display());
             Ok(())
         }),
-        Task::Bench { render_only: true } => bench::render_saved(),
-        Task::Bench { render_only: false } => build().and_then(|()| bench::run()),
+        Task::Bench { render_only: true, .. } => bench::render_saved(),
+        Task::Bench { monitor_only: true, .. } => build().and_then(|()| bench::monitor_only()),
+        Task::Bench { .. } => build().and_then(|()| bench::run()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
