@@ -64,6 +64,9 @@ const PAGES_PER_CPU: usize = 64;
 /// A running monitor. Dropping it turns the reports off.
 pub struct Monitor {
     config: Array<MapData, MonitorConfig>,
+    /// What this monitor wrote, and when it last checked it is still in force.
+    wanted: MonitorConfig,
+    checked: std::time::Instant,
     state: PerCpuArray<MapData, MonitorState>,
     buffers: Vec<PerfEventArrayBuffer<MapData>>,
     /// CLOCK_REALTIME minus CLOCK_MONOTONIC, to put the events' times on the wall clock.
@@ -152,6 +155,8 @@ impl Monitor {
             .map_err(|e| Error::bpf("write monitor config", e))?;
         Ok(Self {
             config,
+            wanted: cfg,
+            checked: std::time::Instant::now(),
             state: mon_state,
             buffers,
             wall_offset: wall_offset(),
@@ -162,6 +167,14 @@ impl Monitor {
 
     /// Waits up to `timeout` for events and hands each to `f`.
     pub fn poll(&mut self, timeout: Duration, mut f: impl FnMut(Event)) -> Result<()> {
+        if self.checked.elapsed() >= Duration::from_secs(1) {
+            // Another imqctl may have judged this monitor dead (see
+            // State::clear_dead_monitor): set the configuration again.
+            self.checked = std::time::Instant::now();
+            if self.config.get(&0, 0).is_ok_and(|c| c.flags == 0) {
+                let _ = self.config.set(0, self.wanted, 0);
+            }
+        }
         let mut fds: Vec<libc::pollfd> = self
             .buffers
             .iter()
@@ -246,7 +259,7 @@ impl Drop for Monitor {
 }
 
 /// Whether a process with this id exists (in our pid namespace).
-fn process_lives(pid: u32) -> bool {
+pub(crate) fn process_lives(pid: u32) -> bool {
     // SAFETY: kill with signal 0 only checks.
     pid != 0
         && (unsafe { libc::kill(pid as libc::pid_t, 0) } == 0

@@ -34,7 +34,7 @@ use aya::{
 use imq_common::{
     ACTIVE_MAP, COUNTERS_MAP, Counters, DEVICE_DOWN, DEVICES_MAP, Device, EGRESS_PROG, ENTRIES_MAP, EVENTS_MAP,
     EntryKey, HOOKS_MAP, Hook, HookKey, IFINDEXES_MAP, INGRESS_CLS_PROG, INGRESS_PROG, MONITOR_MAP, MONITOR_STATE_MAP,
-    NETDEV_EVENT_PROG, RULES_MAP, RuleKey, RuleSpec, Target,
+    MonitorConfig, NETDEV_EVENT_PROG, RULES_MAP, RuleKey, RuleSpec, Target,
 };
 
 use crate::{
@@ -307,6 +307,7 @@ impl State {
             .load(crate::EBPF_OBJECT)
             .map_err(|e| Error::bpf("load imq object", e))?;
         let mut state = Self { dir, ebpf, _lock: lock };
+        state.clear_dead_monitor();
         if hooks.is_some() {
             // Best effort: without these hooks a device that is down still drops what
             // is sent to it, but everything else works.
@@ -317,6 +318,24 @@ impl State {
             }
         }
         Ok(state)
+    }
+
+    /// Turns the monitor flag off when the monitor that set it is gone (killed before it
+    /// could): the data path would otherwise keep building events nobody reads. A live
+    /// monitor this misjudges (in another pid namespace) sets it again within a second.
+    fn clear_dead_monitor(&mut self) {
+        let Ok(mut cfg) = self
+            .map_mut(MONITOR_MAP)
+            .and_then(|m| Array::<_, MonitorConfig>::try_from(m).map_err(|e| Error::bpf(MONITOR_MAP, e)))
+        else {
+            return;
+        };
+        if let Ok(c) = cfg.get(&0, 0)
+            && c.flags != 0
+            && !crate::monitor::process_lives(c.pid)
+        {
+            let _ = cfg.set(0, MonitorConfig::default(), 0);
+        }
     }
 
     /// Whether the device hook runs: imq then follows its devices going down and up by

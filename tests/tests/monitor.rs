@@ -458,6 +458,14 @@ fn bad_monitor_requests_are_refused_in_one_line() {
         assert!(r.stderr.contains(says), "{args:?}: {}", r.stderr);
     }
     assert_eq!(config(s), before, "refusals changed nothing");
-    // A monitor that ends turns the reports off: the next one starts.
+    // A monitor that ends turns the reports off: the next one starts. So does one
+    // killed outright (SIGKILL: no chance to clean up), after any imqctl command.
     Monitor::start(s, &[]).stop();
+    let mut killed = Monitor::start(s, &[]);
+    drop(killed.child.take().map(|mut c| (c.kill(), c.wait())));
+    s.imqctl_ok(&["show"]);
+    let mon = Monitor::start(s, &["-j"]);
+    assert!(ping(c, &pair.server_v4(), 2) > 0);
+    let (out, _) = mon.stop();
+    assert!(!events(&out).is_empty(), "the monitor after a killed one reports");
 }
