@@ -806,8 +806,9 @@ fn monitor_section(r: &Value) -> String {
         "\nWith no monitor the program reads one array element and branches; its flow key goes to a \
          per-CPU scratch slot only while a monitor watches. A monitor that filters a packet out or holds \
          it over `--rate` costs its filters and token bucket. A reported packet costs the perf event \
-         output, about 3.5 µs here (aya's perf buffers wake the reader on every event): at the default \
-         `--rate 1000` that is at most 0.4% of a CPU, per CPU."
+         output, a few µs here (aya opens its perf buffers to wake the reader on every event, \
+         wakeup_events = 1, likely most of it): at the default `--rate 1000` events per second and CPU, \
+         below 0.5% of each CPU."
     );
     o
 }
