@@ -11,15 +11,12 @@
 #[path = "../tests/harness/mod.rs"]
 mod harness;
 
-use aya::{
-    maps::{
-        Array, MapData,
-        perf::{PerfEvent, PerfEventArray, PerfEventArrayBuffer},
-    },
-    programs::{SchedClassifier, TestRun, TestRunOptions},
+use aya::maps::{
+    Array, MapData,
+    perf::{PerfEvent, PerfEventArray, PerfEventArrayBuffer},
 };
 use harness::{A, B, Harness, TC_ACT_REDIRECT, ipv4, ports, rule_to};
-use imq_common::{EVENTS_MAP, INGRESS_PROG, MONITOR_IFINDEX, MONITOR_MAP, MONITOR_SELECTED, MonitorConfig};
+use imq_common::{EVENTS_MAP, MONITOR_IFINDEX, MONITOR_MAP, MONITOR_SELECTED, MonitorConfig};
 
 /// Runs per measurement: few enough that the events of one fit the perf buffers (so
 /// none is refused for want of room, which would be cheaper than a real report).
@@ -78,20 +75,12 @@ fn main() -> anyhow::Result<()> {
     let mut out = Vec::new();
     for (case, cfg) in cases {
         Array::<_, MonitorConfig>::try_from(h.ebpf.map_mut(MONITOR_MAP).unwrap())?.set(0, cfg, 0)?;
-        let prog: &SchedClassifier = h.ebpf.program(INGRESS_PROG).unwrap().try_into()?;
         let mut runs = Vec::new();
         let mut reported = 0u64;
         for _ in 0..RUNS {
-            let ctx = [0u8; 192];
-            let opts = TestRunOptions {
-                data_in: Some(&frame),
-                ctx_in: Some(&ctx),
-                repeat: REPEAT,
-                ..TestRunOptions::new()
-            };
-            let r = prog.test_run(opts)?;
-            anyhow::ensure!(r.return_value == TC_ACT_REDIRECT, "verdict {}", r.return_value);
-            runs.push(r.duration.as_nanos() as f64);
+            let (verdict, ns) = h.timed_run(&frame, REPEAT)?;
+            anyhow::ensure!(verdict == TC_ACT_REDIRECT, "verdict {verdict}");
+            runs.push(ns);
             for b in &mut buffers {
                 b.for_each(|e| {
                     if let PerfEvent::Sample { .. } = e {

@@ -7,10 +7,8 @@
 #[path = "../tests/harness/mod.rs"]
 mod harness;
 
-use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
 use harness::{A, B, Harness, TC_ACT_REDIRECT, ipv4, ports, rule_to};
 use imq::rule::Rule;
-use imq_common::INGRESS_PROG;
 
 const REPEAT: u32 = 500_000;
 const RUNS: usize = 5;
@@ -32,23 +30,11 @@ fn main() -> anyhow::Result<()> {
             .collect();
         rules.push((n - 1, rule_to(100_000, 0, "")));
         h.install(&rules);
-        let prog: &SchedClassifier = h.ebpf.program(INGRESS_PROG).unwrap().try_into()?;
         let mut runs = Vec::new();
         for _ in 0..RUNS {
-            let ctx = [0u8; 192];
-            let opts = TestRunOptions {
-                data_in: Some(&frame),
-                ctx_in: Some(&ctx),
-                repeat: REPEAT,
-                ..TestRunOptions::new()
-            };
-            let r = prog.test_run(opts)?;
-            anyhow::ensure!(
-                r.return_value == TC_ACT_REDIRECT,
-                "verdict {} with {n} rules",
-                r.return_value
-            );
-            runs.push(r.duration.as_nanos() as f64);
+            let (verdict, ns) = h.timed_run(&frame, REPEAT)?;
+            anyhow::ensure!(verdict == TC_ACT_REDIRECT, "verdict {verdict} with {n} rules");
+            runs.push(ns);
         }
         let mut sorted = runs.clone();
         sorted.sort_by(f64::total_cmp);

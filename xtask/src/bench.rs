@@ -220,17 +220,7 @@ pub fn run() -> Result<()> {
     ))?;
     let mut results = json!({ "machine": m, "runs_per_figure": RUNS });
     // Built now, so that no compiler runs while traffic is measured.
-    crate::run(crate::cargo().args([
-        "build",
-        "--release",
-        "--quiet",
-        "-p",
-        "imq-tests",
-        "--example",
-        "prog_cost",
-        "--example",
-        "monitor_cost",
-    ]))?;
+    build_examples(&["prog_cost", "monitor_cost"])?;
 
     // 1. Data path cost, unlimited FIFO on the queueing device.
     let pairs: Vec<(Variant, Pair)> = Variant::ALL
@@ -507,6 +497,16 @@ pub fn run() -> Result<()> {
     Ok(())
 }
 
+/// Builds the benchmark examples of imq-tests (release).
+fn build_examples(names: &[&str]) -> Result<()> {
+    let mut cargo = crate::cargo();
+    cargo.args(["build", "--release", "--quiet", "-p", "imq-tests"]);
+    for n in names {
+        cargo.args(["--example", n]);
+    }
+    crate::run(&mut cargo)
+}
+
 /// What `imqctl monitor` costs the program (the monitor_cost example, built).
 fn monitor_cost() -> Result<Value> {
     let out = Command::new(workspace_root().join("target/release/examples/monitor_cost"))
@@ -522,15 +522,7 @@ fn monitor_cost() -> Result<Value> {
 /// run's figures stay) and writes BENCHMARKS.md again.
 pub fn monitor_only() -> Result<()> {
     let root = workspace_root();
-    crate::run(crate::cargo().args([
-        "build",
-        "--release",
-        "--quiet",
-        "-p",
-        "imq-tests",
-        "--example",
-        "monitor_cost",
-    ]))?;
+    build_examples(&["monitor_cost"])?;
     let path = root.join("bench/results.json");
     let mut results: Value = serde_json::from_str(&fs::read_to_string(&path)?)?;
     results["monitor_cost"] = monitor_cost()?;

@@ -129,6 +129,22 @@ impl Harness {
         })
     }
 
+    /// Runs the ingress program `repeat` times on `frame`; returns the verdict and the
+    /// time per run the kernel measured, in ns.
+    #[allow(dead_code, reason = "used by the cost examples, not by every test")]
+    pub fn timed_run(&self, frame: &[u8], repeat: u32) -> Result<(u32, f64), aya::programs::ProgramError> {
+        let prog: &SchedClassifier = self.ebpf.program(INGRESS_PROG).unwrap().try_into().unwrap();
+        let ctx = [0u8; 192];
+        let opts = TestRunOptions {
+            data_in: Some(frame),
+            ctx_in: Some(&ctx),
+            repeat,
+            ..TestRunOptions::new()
+        };
+        let r = prog.test_run(opts)?;
+        Ok((r.return_value, r.duration.as_nanos() as f64))
+    }
+
     pub fn counters(&self, id: u32) -> Counters {
         let map = PerCpuHashMap::<_, u32, Counters>::try_from(self.ebpf.map(COUNTERS_MAP).unwrap()).unwrap();
         map.get(&id, 0)
