@@ -21,7 +21,7 @@ use std::{
 };
 
 use aya::maps::{
-    Array, MapData, PerCpuArray, PerCpuValues,
+    Array, MapData, PerCpuArray,
     perf::{PerfEvent, PerfEventArray, PerfEventArrayBuffer},
 };
 use imq_common::{
@@ -113,9 +113,7 @@ impl Monitor {
         }
         let mut mon_state: PerCpuArray<MapData, MonitorState> =
             PerCpuArray::try_from(mon_state).map_err(|e| Error::bpf(imq_common::MONITOR_STATE_MAP, e))?;
-        let nr = aya::util::nr_cpus().map_err(|(what, e)| Error::io(what, e))?;
-        let zero =
-            PerCpuValues::try_from(vec![MonitorState::default(); nr]).map_err(|e| Error::io("per-CPU values", e))?;
+        let zero = crate::state::zeroed_per_cpu::<MonitorState>(crate::state::possible_cpus()?)?;
         mon_state
             .set(0, zero, 0)
             .map_err(|e| Error::bpf("reset monitor state", e))?;

@@ -199,6 +199,16 @@ fn load_error(name: &str, e: aya::programs::ProgramError) -> Error {
     }
 }
 
+/// How many CPUs a per-CPU map value has a slot for.
+pub(crate) fn possible_cpus() -> Result<usize> {
+    aya::util::nr_cpus().map_err(|(what, e)| Error::io(what, e))
+}
+
+/// A per-CPU map value of defaults (zeroes) for `cpus` CPUs.
+pub(crate) fn zeroed_per_cpu<T: aya::Pod + Default + Clone>(cpus: usize) -> Result<PerCpuValues<T>> {
+    PerCpuValues::try_from(vec![T::default(); cpus]).map_err(|e| Error::io("per-CPU values", e))
+}
+
 fn ensure_dir(dir: &Path) -> Result<()> {
     match fs::create_dir(dir) {
         Ok(()) => Ok(()),
@@ -472,11 +482,10 @@ impl State {
         compiled: &Compiled,
         created: &[u32],
     ) -> Result<()> {
-        let cpus = aya::util::nr_cpus().map_err(|(what, e)| Error::io(what, e))?;
+        let cpus = possible_cpus()?;
         let mut counters = self.counters_map()?;
         for id in created {
-            let zero =
-                PerCpuValues::try_from(vec![Counters::default(); cpus]).map_err(|e| Error::io("per-CPU values", e))?;
+            let zero = zeroed_per_cpu::<Counters>(cpus)?;
             counters
                 .insert(id, zero, 0)
                 .map_err(|e| Error::bpf("create counters", e))?;
