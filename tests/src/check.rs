@@ -113,21 +113,25 @@ pub fn dev_rx(ns: &NetNs, dev: &str) -> (u64, u64) {
 }
 
 /// `imqctl show -j` and the (packets, bytes) each of `devs` received, read while
-/// nothing arrived at them: a packet of the namespace's own (an IPv6 router
-/// solicitation, say) landing between the two reads would make exact counts differ.
-/// Tries a few times; returns the last reading if the devices never rest.
+/// nothing moved: a packet of the namespace's own (an IPv6 router solicitation or MLD
+/// report, say) would make exact counts differ, whether it lands between the reads or
+/// was counted by its rule and is still on its way through the device's qdisc. At rest
+/// means: the devices' counts and the rules' counters are the same in two readings
+/// 50 ms apart (time for a packet in flight to reach the device). Tries a few times;
+/// returns the last reading if they never rest.
 pub fn show_at_rest(ns: &NetNs, devs: &[&str]) -> (Value, Vec<(u64, u64)>) {
-    let rx = || devs.iter().map(|d| dev_rx(ns, d)).collect::<Vec<_>>();
+    let read = || (devs.iter().map(|d| dev_rx(ns, d)).collect::<Vec<_>>(), show(ns));
+    let mut last = read();
     for _ in 0..10 {
-        let before = rx();
-        let status = show(ns);
-        let after = rx();
-        if before == after {
-            return (status, after);
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let now = read();
+        if now.0 == last.0 && rule_counters(&now.1) == rule_counters(&last.1) {
+            return (now.1, now.0);
         }
-        std::thread::sleep(std::time::Duration::from_millis(200));
+        last = now;
+        std::thread::sleep(std::time::Duration::from_millis(150));
     }
-    (show(ns), rx())
+    (last.1, last.0)
 }
 
 /// (packets, bytes) counted by all rules of a `show -j` status.
