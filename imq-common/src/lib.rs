@@ -322,7 +322,7 @@ pub struct MonitorState {
     pub last_ns: u64,
     /// Events over the rate: counted, not sent.
     pub limited: u64,
-    /// Events the perf buffer refused (the reader fell behind).
+    /// Events the ring buffer had no room for (the reader fell behind).
     pub lost: u64,
 }
 /// One `imqctl monitor` event, sent through [`EVENTS_MAP`]; the first `cap_len` bytes
@@ -361,6 +361,11 @@ pub const VERDICT_BYPASSED: u8 = 2;
 pub const VERDICT_UNMATCHED: u8 = 3;
 /// The most bytes of a packet an event carries.
 pub const MAX_SNAPLEN: u32 = 65535;
+/// Size of the ring buffer a monitor puts into [`EVENTS_MAP`] (a power of two, in
+/// whole pages). Fixed: the kernel accepts only an inner map like the one the outer
+/// map was created with. 4 MiB holds about 12,000 events with the default 256 bytes
+/// of each packet, or 60 with 64 KiB of each.
+pub const MONITOR_RING_BYTES: u32 = 4 << 20;
 const _: () = {
     assert!(core::mem::size_of::<FlowKey>() == 44);
     assert!(core::mem::size_of::<Shape>() == 52);

@@ -12,15 +12,14 @@
 #![no_main]
 
 use aya_ebpf::{
-    EbpfContext,
-    bindings::BPF_F_CURRENT_CPU,
-    bindings::{BPF_F_NO_PREALLOC, TC_ACT_UNSPEC, bpf_fib_lookup},
+    bindings::{__sk_buff, BPF_F_NO_PREALLOC, TC_ACT_UNSPEC, bpf_fib_lookup},
+    btf_maps::{ArrayOfMaps, RingBuf},
     helpers::{
         bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_probe_read_kernel,
-        generated::{bpf_fib_lookup as fib_lookup, bpf_perf_event_output, bpf_redirect},
+        generated::{bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_skb_load_bytes},
     },
-    macros::{classifier, fentry, map},
-    maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, PerfEventArray},
+    macros::{btf_map, classifier, fentry, map},
+    maps::{Array, HashMap, PerCpuArray, PerCpuHashMap},
     programs::{FEntryContext, TcContext},
 };
 use core::mem::offset_of;
@@ -32,9 +31,9 @@ use network_types::{
 use imq_common::{
     Counters, DEVICE_DOWN, DIRECTION_EGRESS, DIRECTION_INGRESS, Device, EntryKey, FLOW_PORTS, FlowKey, Hook, HookKey,
     MAX_DEVICES, MAX_ENTRIES, MAX_HOOKS, MAX_RULES, MAX_SHAPES, MAX_SNAPLEN, MONITOR_DEV, MONITOR_DIRECTION,
-    MONITOR_IFINDEX, MONITOR_PRIO, MONITOR_SELECTED, MONITOR_UNMATCHED, MonitorConfig, MonitorEvent, MonitorState,
-    RuleKey, RuleSpec, TARGET_SET_MARK, TARGET_SET_PRIORITY, Target, VERDICT_BYPASSED, VERDICT_SELECTED,
-    VERDICT_UNMATCHED,
+    MONITOR_IFINDEX, MONITOR_PRIO, MONITOR_RING_BYTES, MONITOR_SELECTED, MONITOR_UNMATCHED, MonitorConfig,
+    MonitorEvent, MonitorState, RuleKey, RuleSpec, TARGET_SET_MARK, TARGET_SET_PRIORITY, Target, VERDICT_BYPASSED,
+    VERDICT_SELECTED, VERDICT_UNMATCHED,
 };
 
 /// The generation in use (index 0). Only ever 0 or 1, so a reader racing the flip
@@ -86,13 +85,15 @@ static MONITOR_STATE: PerCpuArray<MonitorState> = PerCpuArray::with_max_entries(
 #[map(name = "imq_monitor_event")]
 static SCRATCH: PerCpuArray<MonitorEvent> = PerCpuArray::with_max_entries(1, 0);
 
-/// Monitor events, one perf buffer per CPU. Chosen over a BPF ring buffer (5.8, so on
-/// every kernel imq runs on) because its buffers exist only while a monitor has them
-/// open (a ring buffer's memory is allocated with the map, in every namespace, for
-/// good), and because bpf_perf_event_output appends the packet's own bytes to an
-/// event from the skb (bpf_skb_event_output), without copying them here first.
-#[map(name = "imq_events")]
-static EVENTS: PerfEventArray<MonitorEvent> = PerfEventArray::new(0);
+/// Monitor events: one BPF ring buffer, shared by every CPU, in order. It exists only
+/// while a monitor runs: `imqctl monitor` creates it, puts it at index 0 and takes it
+/// out when it stops, so a namespace nobody watches holds no ring buffer memory (a
+/// plain ring buffer map would be allocated with the map, in every namespace, for
+/// good). Inner ring buffers are valid since 5.8 (5.10 checks them with
+/// map_meta_equal, hence one fixed size).
+#[btf_map(name = "imq_events")]
+static EVENTS: ArrayOfMaps<EventRing, 1> = ArrayOfMaps::new();
+type EventRing = RingBuf<u8, { MONITOR_RING_BYTES as usize }>;
 
 /// TCX verdict "not mine": the next TCX program, then classic tc filters, still run.
 const TCX_NEXT: i32 = TC_ACT_UNSPEC;
@@ -420,23 +421,65 @@ fn report(ctx: &TcContext, direction: u32, verdict: u8, target: &Target) {
         (*event).verdict = verdict;
         (*event).cap_len = cap_len;
     }
-    // bpf_perf_event_output, not PerfEventArray::output, for its answer: -ENOSPC when
-    // the reader fell behind. The upper 32 bits of the flags ask the kernel to append
-    // that many bytes of the packet to the event.
-    // SAFETY: the context pointer, the map, and a map value of the given size.
-    let ret = unsafe {
-        bpf_perf_event_output(
-            ctx.as_ptr(),
-            (&raw const EVENTS).cast_mut().cast(),
-            (u64::from(cap_len) << 32) | BPF_F_CURRENT_CPU,
-            event.cast(),
-            size_of::<MonitorEvent>() as u64,
-        )
+    // No ring: the monitor is starting or stopping.
+    let Some(ring) = EVENTS.get(0) else {
+        return;
     };
-    if ret != 0 {
+    // A ring buffer record's size must be a constant: the packet's bytes go into the
+    // smallest of a few.
+    let skb = ctx.skb.skb;
+    let sent = if cap_len == 0 {
+        emit::<0>(ring, skb, event, cap_len)
+    } else if cap_len <= 256 {
+        emit::<256>(ring, skb, event, cap_len)
+    } else if cap_len <= 2048 {
+        emit::<2048>(ring, skb, event, cap_len)
+    } else {
+        emit::<65536>(ring, skb, event, cap_len)
+    };
+    if !sent {
         // SAFETY: as above.
         unsafe { (*state).lost += 1 };
     }
+}
+
+/// Sends `event` and the packet's first `cap_len` bytes (1..=CAP, or 0 when CAP is 0)
+/// as one record of `CAP` bytes after the event. False if the ring had no room.
+#[inline(always)]
+fn emit<const CAP: usize>(ring: &EventRing, skb: *mut __sk_buff, event: *const MonitorEvent, cap_len: u32) -> bool {
+    const HEAD: usize = size_of::<MonitorEvent>();
+    let Some(mut record) = ring.reserve_bytes(HEAD + CAP, 0) else {
+        return false;
+    };
+    let dst = record.as_mut_ptr();
+    // Word by word, volatile: a struct copy may become a call to memcpy, and 5.10
+    // refuses BPF-to-BPF calls here (see keep_not_ip).
+    for i in 0..HEAD / 8 {
+        // SAFETY: both are HEAD bytes long and 8-aligned (ring buffer records are).
+        unsafe {
+            dst.cast::<u64>()
+                .add(i)
+                .write_volatile(event.cast::<u64>().add(i).read_volatile())
+        };
+    }
+    if CAP > 0 {
+        // cap_len is 1..=CAP here, and (cap_len - 1) & (CAP - 1) + 1 equals it; the
+        // verifier needs to see that bound, so the value is read back from the stack,
+        // where the compiler cannot see it either and drop the mask.
+        let n = u64::from(cap_len);
+        // SAFETY: a read of a local.
+        let n = (unsafe { core::ptr::read_volatile(&n) }.wrapping_sub(1) & (CAP as u64 - 1)) + 1;
+        // SAFETY: the context pointer, and `n` bytes of the record after the event.
+        let ret = unsafe { bpf_skb_load_bytes(skb.cast(), 0, dst.add(HEAD).cast(), n as u32) };
+        if ret != 0 {
+            record.discard(0);
+            return false;
+        }
+    }
+    // Without flags the kernel wakes the reader only when it has read everything
+    // before this record: one wakeup for a burst.
+    record.submit(0);
+    true
 }
 
 /// The lowest-prio entry matching `flow` over the hook's shapes: one lookup per shape,

@@ -3,30 +3,28 @@
 //! The TC programs report a packet when a monitor asks for it ([`MonitorConfig`] in
 //! the pinned `imq_monitor` map; all zero when nobody watches): one [`MonitorEvent`]
 //! with what the classifier saw and did, followed by the packet's first bytes, through
-//! a perf event array (see imq-ebpf's `EVENTS` for why not a ring buffer). Filters,
-//! sampling and a per-CPU token bucket run in the kernel, so what is not wanted costs
-//! the reader nothing and a flood cannot bury it; what the bucket held back and what
-//! the buffers had no room for are counted and reported.
+//! a BPF ring buffer that the monitor creates and hands to the data path (the
+//! `imq_events` map-of-maps) for as long as it runs. Filters, sampling and a per-CPU
+//! token bucket run in the kernel, so what is not wanted costs the reader nothing and
+//! a flood cannot bury it; what the bucket held back and what the ring had no room
+//! for are counted and reported.
 //!
-//! One monitor per network namespace: the perf buffers and the configuration are the
-//! namespace's. A second one is refused while the first lives.
+//! One monitor per network namespace: the ring buffer slot and the configuration are
+//! the namespace's. A second one is refused while the first lives.
 
 use std::{
     collections::HashMap,
     fmt,
     io::{self, Write},
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
-    os::fd::AsRawFd as _,
+    os::fd::{AsFd as _, AsRawFd as _},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use aya::maps::{
-    Array, MapData, PerCpuArray,
-    perf::{PerfEvent, PerfEventArray, PerfEventArrayBuffer},
-};
+use aya::maps::{Array, Map, MapData, PerCpuArray, RingBuf};
 use imq_common::{
-    DIRECTION_EGRESS, MAX_SNAPLEN, MONITOR_DEV, MONITOR_DIRECTION, MONITOR_IFINDEX, MONITOR_PRIO, MONITOR_SELECTED,
-    MONITOR_UNMATCHED, MonitorConfig, MonitorEvent, MonitorState, VERDICT_BYPASSED, VERDICT_SELECTED,
+    DIRECTION_EGRESS, MAX_SNAPLEN, MONITOR_DEV, MONITOR_DIRECTION, MONITOR_IFINDEX, MONITOR_PRIO, MONITOR_RING_BYTES,
+    MONITOR_SELECTED, MONITOR_UNMATCHED, MonitorConfig, MonitorEvent, MonitorState, VERDICT_BYPASSED, VERDICT_SELECTED,
 };
 use serde::Serialize;
 
@@ -57,10 +55,6 @@ pub struct MonitorRequest {
     pub snaplen: u32,
 }
 
-/// Perf buffer pages per CPU (a power of two): 256 KiB with 4 KiB pages, room for
-/// about 2,000 full-size packets or 2,900 header-only events.
-const PAGES_PER_CPU: usize = 64;
-
 /// A running monitor. Dropping it turns the reports off.
 pub struct Monitor {
     config: Array<MapData, MonitorConfig>,
@@ -68,10 +62,17 @@ pub struct Monitor {
     wanted: MonitorConfig,
     checked: std::time::Instant,
     state: PerCpuArray<MapData, MonitorState>,
-    buffers: Vec<PerfEventArrayBuffer<MapData>>,
+    /// The data path's slot for the ring buffer (`imq_events`, a map-of-maps).
+    slot: MapData,
+    ring: RingBuf<MapData>,
     /// CLOCK_REALTIME minus CLOCK_MONOTONIC, to put the events' times on the wall clock.
     wall_offset: Duration,
-    names: HashMap<u32, String>,
+    names: Names,
+}
+
+/// Interface names by ifindex, looked up once each.
+struct Names {
+    known: HashMap<u32, String>,
     nl: Netlink,
 }
 
@@ -80,7 +81,7 @@ pub struct Monitor {
 pub struct Held {
     /// Events over `--rate`.
     pub limited: u64,
-    /// Events the perf buffers had no room for: the reader fell behind.
+    /// Events the ring buffer had no room for: the reader fell behind.
     pub lost: u64,
 }
 
@@ -94,23 +95,16 @@ impl Monitor {
         let (config, mon_state, events) = state.take_monitor_maps()?;
         // The imq lock is held only while the maps are opened.
         drop(state);
-        let mut config: Array<MapData, MonitorConfig> =
+        let config: Array<MapData, MonitorConfig> =
             Array::try_from(config).map_err(|e| Error::bpf(imq_common::MONITOR_MAP, e))?;
         let current = config.get(&0, 0).map_err(|e| Error::bpf("read monitor config", e))?;
         if current.flags != 0 && process_lives(current.pid) {
             return Err(Error::MonitorBusy(current.pid));
         }
-        let mut events: PerfEventArray<MapData> =
-            PerfEventArray::try_from(events).map_err(|e| Error::bpf(imq_common::EVENTS_MAP, e))?;
-        let cpus = aya::util::online_cpus().map_err(|(what, e)| Error::io(what, e))?;
-        let mut buffers = Vec::with_capacity(cpus.len());
-        for cpu in cpus {
-            buffers.push(
-                events
-                    .open(cpu, Some(PAGES_PER_CPU))
-                    .map_err(|e| Error::Bpf(format!("open the perf buffer of CPU {cpu}: {e}")))?,
-            );
-        }
+        let Map::ArrayOfMaps(slot) = events else {
+            return Err(Error::Bpf(format!("{} is not a map-of-maps", imq_common::EVENTS_MAP)));
+        };
+        let ring = open_event_ring(&slot)?;
         let mut mon_state: PerCpuArray<MapData, MonitorState> =
             PerCpuArray::try_from(mon_state).map_err(|e| Error::bpf(imq_common::MONITOR_STATE_MAP, e))?;
         let zero = crate::state::zeroed_per_cpu::<MonitorState>(crate::state::possible_cpus()?)?;
@@ -148,19 +142,25 @@ impl Monitor {
             cfg.dev = d.0;
         }
         cfg.flags = flags;
-        config
-            .set(0, cfg, 0)
-            .map_err(|e| Error::bpf("write monitor config", e))?;
-        Ok(Self {
+        // Dropped on an error, the monitor takes its ring buffer out again.
+        let mut monitor = Self {
             config,
             wanted: cfg,
             checked: std::time::Instant::now(),
             state: mon_state,
-            buffers,
+            slot,
+            ring,
             wall_offset: wall_offset(),
-            names: HashMap::new(),
-            nl,
-        })
+            names: Names {
+                known: HashMap::new(),
+                nl,
+            },
+        };
+        monitor
+            .config
+            .set(0, cfg, 0)
+            .map_err(|e| Error::bpf("write monitor config", e))?;
+        Ok(monitor)
     }
 
     /// Waits up to `timeout` for events and hands each to `f`.
@@ -173,42 +173,33 @@ impl Monitor {
                 let _ = self.config.set(0, self.wanted, 0);
             }
         }
-        let mut fds: Vec<libc::pollfd> = self
-            .buffers
-            .iter()
-            .map(|b| libc::pollfd {
-                fd: b.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            })
-            .collect();
+        let mut fd = libc::pollfd {
+            fd: self.ring.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
         let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
-        // SAFETY: fds is a valid array of pollfd of the given length.
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
+        // SAFETY: one valid pollfd.
+        let n = unsafe { libc::poll(&raw mut fd, 1, ms) };
         if n < 0 {
             let e = io::Error::last_os_error();
             if e.kind() == io::ErrorKind::Interrupted {
                 return Ok(());
             }
-            return Err(Error::io("poll the perf buffers", e));
+            return Err(Error::io("poll the ring buffer", e));
         }
-        let mut raw = Vec::new();
-        for b in &mut self.buffers {
-            if !b.readable() {
-                continue;
+        // One ring for every CPU: the records are in the order they were reserved.
+        let Self {
+            ring,
+            names,
+            wall_offset,
+            ..
+        } = self;
+        while let Some(record) = ring.next() {
+            if let Some(e) = decode(&record, names, *wall_offset) {
+                f(e);
             }
-            b.for_each(|ev| {
-                if let PerfEvent::Sample { head, tail } = ev {
-                    let mut bytes = head.to_vec();
-                    bytes.extend_from_slice(tail);
-                    raw.push(bytes);
-                }
-            });
         }
-        // Perf buffers are per CPU: merge them in time order.
-        let mut events: Vec<Event> = raw.iter().filter_map(|b| self.decode(b)).collect();
-        events.sort_by_key(|e| e.ts_ns);
-        events.into_iter().for_each(&mut f);
         Ok(())
     }
 
@@ -220,29 +211,55 @@ impl Monitor {
             lost: h.lost + s.lost,
         }))
     }
+}
 
-    fn decode(&mut self, b: &[u8]) -> Option<Event> {
-        const HEAD: usize = size_of::<MonitorEvent>();
-        if b.len() < HEAD {
-            return None;
-        }
-        // SAFETY: MonitorEvent is plain integers (every bit pattern valid), and
-        // read_unaligned copies HEAD bytes that the check above found.
-        let e: MonitorEvent = unsafe { std::ptr::read_unaligned(b.as_ptr().cast()) };
-        let cap = (e.cap_len as usize).min(b.len() - HEAD);
-        let name = self.name(e.ifindex);
-        Some(Event::new(&e, name, self.wall_offset, b[HEAD..HEAD + cap].to_vec()))
+/// Creates a ring buffer for the data path's events, puts it into `slot` (the
+/// `imq_events` map-of-maps) and returns its reader. The data path writes into it from
+/// then on, until [`close_event_ring`] (or a new ring) takes its place.
+pub fn open_event_ring(slot: &MapData) -> Result<RingBuf<MapData>> {
+    let ring =
+        crate::sys::create_ringbuf(MONITOR_RING_BYTES).map_err(|e| Error::io("create the monitor's ring buffer", e))?;
+    crate::sys::map_set_fd(slot.fd().as_fd(), 0, ring.as_fd())
+        .map_err(|e| Error::io("hand the ring buffer to the data path", e))?;
+    MapData::from_fd(ring)
+        .and_then(|m| RingBuf::try_from(Map::RingBuf(m)))
+        .map_err(|e| {
+            close_event_ring(slot);
+            Error::bpf("open the ring buffer", e)
+        })
+}
+
+/// Takes the ring buffer out of `slot`: the data path stops writing, and the ring's
+/// memory goes with its last reader.
+pub fn close_event_ring(slot: &MapData) {
+    let _ = crate::sys::map_delete(slot.fd().as_fd(), 0);
+}
+
+/// One ring buffer record: a [`MonitorEvent`], then room for the packet's bytes, of
+/// which the event's `cap_len` are filled.
+fn decode(b: &[u8], names: &mut Names, wall_offset: Duration) -> Option<Event> {
+    const HEAD: usize = size_of::<MonitorEvent>();
+    if b.len() < HEAD {
+        return None;
     }
+    // SAFETY: MonitorEvent is plain integers (every bit pattern valid), and
+    // read_unaligned copies HEAD bytes that the check above found.
+    let e: MonitorEvent = unsafe { std::ptr::read_unaligned(b.as_ptr().cast()) };
+    let cap = (e.cap_len as usize).min(b.len() - HEAD);
+    let name = names.get(e.ifindex);
+    Some(Event::new(&e, name, wall_offset, b[HEAD..HEAD + cap].to_vec()))
+}
 
-    fn name(&mut self, ifindex: u32) -> String {
-        if let Some(n) = self.names.get(&ifindex) {
+impl Names {
+    fn get(&mut self, ifindex: u32) -> String {
+        if let Some(n) = self.known.get(&ifindex) {
             return n.clone();
         }
         let name = match self.nl.link_by_index(ifindex) {
             Ok(Some(l)) => l.name,
             _ => format!("if{ifindex}"),
         };
-        self.names.insert(ifindex, name.clone());
+        self.known.insert(ifindex, name.clone());
         name
     }
 }
@@ -251,8 +268,9 @@ impl Drop for Monitor {
     fn drop(&mut self) {
         // Best effort: a monitor killed without this leaves the flag on, and the data
         // path then builds events that go nowhere until the next monitor starts (it
-        // takes over from a dead one).
+        // takes over from a dead one, and any imqctl command frees its ring buffer).
         let _ = self.config.set(0, MonitorConfig::default(), 0);
+        close_event_ring(&self.slot);
     }
 }
 

@@ -4,7 +4,7 @@
 //! <bpffs>/imq/                      lock for every imqctl on the host
 //! <bpffs>/imq/net-<cookie>/         one network namespace (SO_NETNS_COOKIE;
 //!                                   net-inode-<n> on kernels without it)
-//!     layout-3                              the layout of what is below
+//!     layout-4                              the layout of what is below
 //!     imq_rules imq_active imq_hooks imq_entries imq_devices imq_ifindexes
 //!     imq_counters imq_monitor imq_monitor_state imq_events
 //!                                           maps (see imq-common)
@@ -82,7 +82,7 @@ impl Prog {
 
 const LINK_NETDEV_EVENT: &str = "link_netdev_event";
 /// A directory that names the layout of the pinned maps (bpffs holds no regular files).
-const LAYOUT: &str = "layout-3";
+const LAYOUT: &str = "layout-4";
 /// A directory whose presence says the device hooks could not be loaded here.
 const NO_DEVICE_HOOKS: &str = "no_device_hooks";
 
@@ -345,6 +345,10 @@ impl State {
             && !crate::monitor::process_lives(c.pid)
         {
             let _ = cfg.set(0, MonitorConfig::default(), 0);
+            // And its ring buffer's memory goes.
+            if let Ok(aya::maps::Map::ArrayOfMaps(events)) = self.map_mut(EVENTS_MAP) {
+                let _ = sys::map_delete(events.fd().as_fd(), 0);
+            }
         }
     }
 
@@ -377,7 +381,7 @@ impl State {
         Ok(())
     }
 
-    /// The monitor's configuration, per-CPU state and perf event array, owned by the
+    /// The monitor's configuration, per-CPU state and ring buffer slot, owned by the
     /// caller (they stay usable after the state and its lock are dropped).
     pub fn take_monitor_maps(&mut self) -> Result<(aya::maps::Map, aya::maps::Map, aya::maps::Map)> {
         let mut take = |name: &str| {

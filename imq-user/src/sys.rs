@@ -5,7 +5,10 @@ use std::{
     ffi::CString,
     fs::{self, File},
     io,
-    os::{fd::AsRawFd, unix::ffi::OsStrExt},
+    os::{
+        fd::{AsFd as _, AsRawFd, BorrowedFd, FromRawFd as _, OwnedFd},
+        unix::ffi::OsStrExt,
+    },
     path::{Path, PathBuf},
 };
 
@@ -112,9 +115,7 @@ pub fn has_tcx() -> bool {
     // attach_flags (u32 each), prog_ids (pointer; none), prog_cnt (u32; 0).
     let mut attr = [0u64; 16];
     attr[0] = LOOPBACK_IFINDEX | (BPF_TCX_INGRESS << 32);
-    // SAFETY: attr is a zeroed union bpf_attr of the size passed.
-    let ret = unsafe { libc::syscall(libc::SYS_bpf, BPF_PROG_QUERY, attr.as_mut_ptr(), size_of::<[u64; 16]>()) };
-    ret == 0
+    bpf(BPF_PROG_QUERY, &mut attr).is_ok()
 }
 
 pub fn is_bpffs(path: &Path) -> bool {
@@ -252,36 +253,71 @@ impl Lock {
 /// makes the kernel wait for one before returning, so that the caller knows programs
 /// see the new inner map (maybe_wait_bpf_programs in kernel/bpf/syscall.c). We create
 /// a one-slot ARRAY_OF_MAPS, store `inner` in it, and drop it.
-pub fn wait_for_bpf_programs(inner: std::os::fd::BorrowedFd<'_>) -> Result<()> {
-    use std::os::fd::{FromRawFd, OwnedFd};
-    const BPF_MAP_CREATE: libc::c_long = 0;
-    const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+pub fn wait_for_bpf_programs(inner: BorrowedFd<'_>) -> Result<()> {
     const BPF_MAP_TYPE_ARRAY_OF_MAPS: u32 = 12;
-    let inner_fd = inner.as_raw_fd() as u32;
-    let bpf = |cmd: libc::c_long, attr: &mut [u64; 16]| {
-        // SAFETY: attr is a zeroed union bpf_attr large enough for both commands.
-        unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), size_of::<[u64; 16]>()) }
-    };
     // union bpf_attr, BPF_MAP_CREATE: map_type, key_size, value_size, max_entries,
     // map_flags, inner_map_fd (u32 each).
     let mut attr = [0u64; 16];
     attr[0] = u64::from(BPF_MAP_TYPE_ARRAY_OF_MAPS) | (4u64 << 32);
     attr[1] = 4 | (1u64 << 32);
-    attr[2] = u64::from(inner_fd) << 32;
-    let fd = bpf(BPF_MAP_CREATE, &mut attr);
-    if fd < 0 {
-        return Err(Error::io("create map-of-maps", io::Error::last_os_error()));
-    }
-    // SAFETY: the syscall returned a new file descriptor that nothing else owns.
-    let outer = unsafe { OwnedFd::from_raw_fd(fd as i32) };
-    let (key, value) = (0u32, inner_fd);
+    attr[2] = u64::from(inner.as_raw_fd() as u32) << 32;
+    let outer = bpf_new_fd(BPF_MAP_CREATE, &mut attr).map_err(|e| Error::io("create map-of-maps", e))?;
+    map_set_fd(outer.as_fd(), 0, inner).map_err(|e| Error::io("update map-of-maps", e))
+}
+
+/// A new BPF ring buffer of `bytes` (a power of two, in whole pages).
+pub fn create_ringbuf(bytes: u32) -> io::Result<OwnedFd> {
+    const BPF_MAP_TYPE_RINGBUF: u32 = 27;
+    // BPF_MAP_CREATE: map_type, key_size, value_size (0 for a ring), max_entries.
+    let mut attr = [0u64; 16];
+    attr[0] = u64::from(BPF_MAP_TYPE_RINGBUF);
+    attr[1] = u64::from(bytes) << 32;
+    bpf_new_fd(BPF_MAP_CREATE, &mut attr)
+}
+
+/// Stores the map `value` at `key` of the map-of-maps `outer`.
+pub fn map_set_fd(outer: BorrowedFd<'_>, key: u32, value: BorrowedFd<'_>) -> io::Result<()> {
+    let value = value.as_raw_fd() as u32;
     // BPF_MAP_UPDATE_ELEM: map_fd (u32, padded), key, value (pointers), flags.
     let mut attr = [0u64; 16];
     attr[0] = outer.as_raw_fd() as u64;
     attr[1] = &raw const key as u64;
     attr[2] = &raw const value as u64;
-    if bpf(BPF_MAP_UPDATE_ELEM, &mut attr) < 0 {
-        return Err(Error::io("update map-of-maps", io::Error::last_os_error()));
+    bpf(BPF_MAP_UPDATE_ELEM, &mut attr).map(drop)
+}
+
+/// Deletes `key` of a map-of-maps (the inner map goes when nothing else holds it).
+/// A key already empty is not an error.
+pub fn map_delete(map: BorrowedFd<'_>, key: u32) -> io::Result<()> {
+    // BPF_MAP_DELETE_ELEM: map_fd (u32, padded), key (pointer).
+    let mut attr = [0u64; 16];
+    attr[0] = map.as_raw_fd() as u64;
+    attr[1] = &raw const key as u64;
+    match bpf(BPF_MAP_DELETE_ELEM, &mut attr) {
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        r => r.map(drop),
     }
-    Ok(())
+}
+
+const BPF_MAP_CREATE: libc::c_long = 0;
+const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
+
+/// The bpf syscall with a zeroed `union bpf_attr` the caller filled in.
+fn bpf(cmd: libc::c_long, attr: &mut [u64; 16]) -> io::Result<libc::c_long> {
+    // SAFETY: attr is a union bpf_attr large enough for every command used here, and
+    // the pointers in it point to live locals of the caller.
+    let ret = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), size_of::<[u64; 16]>()) };
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+/// As [`bpf`], for a command that returns a new file descriptor.
+fn bpf_new_fd(cmd: libc::c_long, attr: &mut [u64; 16]) -> io::Result<OwnedFd> {
+    let fd = bpf(cmd, attr)?;
+    // SAFETY: the syscall returned a new file descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }

@@ -2,7 +2,7 @@
 //! through BPF_PROG_TEST_RUN on one 64-byte IPv4 UDP frame that a catch-all rule
 //! selects. Cases: no monitor (the data path's only cost is reading one flag); a
 //! monitor that watches another interface (its filters run); one whose rate limit
-//! holds every event back; one that reports every packet into perf buffers a reader
+//! holds every event back; one that reports every packet into the ring buffer a reader
 //! drains, without and with 64 bytes of the packet. Prints one JSON array:
 //! `[{"case": "...", "ns_per_packet": X, "min_ns": X, "max_ns": X, "events": N}, ...]`.
 //! Needs root.
@@ -11,14 +11,11 @@
 #[path = "../tests/harness/mod.rs"]
 mod harness;
 
-use aya::maps::{
-    Array, MapData,
-    perf::{PerfEvent, PerfEventArray, PerfEventArrayBuffer},
-};
+use aya::maps::{Array, Map};
 use harness::{A, B, Harness, TC_ACT_REDIRECT, ipv4, ports, rule_to};
 use imq_common::{EVENTS_MAP, MONITOR_IFINDEX, MONITOR_MAP, MONITOR_SELECTED, MonitorConfig};
 
-/// Runs per measurement: few enough that the events of one fit the perf buffers (so
+/// Runs per measurement: few enough that the events of one fit the ring buffer (so
 /// none is refused for want of room, which would be cheaper than a real report).
 const REPEAT: u32 = 2_000;
 const RUNS: usize = 201;
@@ -64,14 +61,10 @@ fn main() -> anyhow::Result<()> {
             },
         ),
     ];
-    let mut buffers: Vec<PerfEventArrayBuffer<MapData>> = {
-        let mut events = PerfEventArray::try_from(h.ebpf.take_map(EVENTS_MAP).unwrap())?;
-        aya::util::online_cpus()
-            .map_err(|(w, e)| anyhow::anyhow!("{w}: {e}"))?
-            .into_iter()
-            .map(|cpu| events.open(cpu, Some(256)))
-            .collect::<Result<_, _>>()?
+    let Some(Map::ArrayOfMaps(slot)) = h.ebpf.take_map(EVENTS_MAP) else {
+        anyhow::bail!("{EVENTS_MAP} is not a map-of-maps");
     };
+    let mut ring = imq::monitor::open_event_ring(&slot)?;
     let mut out = Vec::new();
     for (case, cfg) in cases {
         Array::<_, MonitorConfig>::try_from(h.ebpf.map_mut(MONITOR_MAP).unwrap())?.set(0, cfg, 0)?;
@@ -81,12 +74,8 @@ fn main() -> anyhow::Result<()> {
             let (verdict, ns) = h.timed_run(&frame, REPEAT)?;
             anyhow::ensure!(verdict == TC_ACT_REDIRECT, "verdict {verdict}");
             runs.push(ns);
-            for b in &mut buffers {
-                b.for_each(|e| {
-                    if let PerfEvent::Sample { .. } = e {
-                        reported += 1;
-                    }
-                });
+            while ring.next().is_some() {
+                reported += 1;
             }
         }
         let expected = if cfg.flags != 0 && cfg.rate == u32::MAX && cfg.ifindex == 0 {

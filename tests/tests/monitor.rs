@@ -336,6 +336,53 @@ fn monitor_capture_is_pcap_that_tcpdump_reads() {
     assert_eq!(text.lines().filter(|l| l.contains(&want)).count(), 20, "{text}");
 }
 
+/// Whole packets of every size reach the capture intact: the ring buffer's records
+/// come in a few fixed sizes (up to 256, 2,048 and 65,536 bytes of packet), and a
+/// packet goes into the smallest that holds it. Jumbo frames (MTU 9000 on the pair)
+/// take the largest.
+#[test]
+fn monitor_captures_whole_packets_of_every_size() {
+    require_root();
+    let pair = Pair::new("mons").unwrap();
+    let (c, s) = (&pair.client, &pair.server);
+    c.ip(&["link", "set", "c0", "mtu", "9000"]).unwrap();
+    s.ip(&["link", "set", "s0", "mtu", "9000"]).unwrap();
+    reach(&pair);
+    s.imqctl_ok(&["attach", "s0", "--proto", "udp", "--dport", "5300"]);
+    let file = std::env::temp_dir().join(format!("imq-monitor-{}.pcap", pair.id));
+    let _cleanup = RemoveOnDrop(file.clone());
+    let mon = Monitor::start(s, &["-w", file.to_str().unwrap(), "--snaplen", "65535"]);
+    let dst: SocketAddr = format!("{}:5300", pair.server_v4()).parse().unwrap();
+    // 14 + 20 + 8 bytes of headers: frames of 60, 256 (the first class, full), 257,
+    // 1,442, 2,048 (the second, full), 2,049 and 8,042 bytes.
+    let payloads = [18, 214, 215, 1400, 2006, 2007, 8000];
+    for &n in &payloads {
+        send_udp(c, dst, 3, n);
+    }
+    let (_, summary) = mon.stop();
+    assert!(summary.contains(" 0 lost"), "{summary}");
+    let data = std::fs::read(&file).unwrap();
+    let mut got = Vec::new();
+    let mut off = 24;
+    while off + 16 <= data.len() {
+        let word = |i: usize| u32::from_le_bytes(data[off + i..off + i + 4].try_into().unwrap());
+        let (incl, orig) = (word(8) as usize, word(12) as usize);
+        let p = &data[off + 16..off + 16 + incl];
+        off += 16 + incl;
+        if p.len() >= 42 && p[12..14] == [0x08, 0x00] && p[36..38] == 5300u16.to_be_bytes() {
+            assert_eq!(incl, orig, "captured whole");
+            assert!(
+                p[42..].iter().all(|&b| b == 0x5a),
+                "payload bytes of a {incl}-byte frame"
+            );
+            got.push(incl - 42);
+        }
+    }
+    assert_eq!(off, data.len(), "records end with the file");
+    let want: Vec<usize> = payloads.iter().flat_map(|&n| [n; 3]).collect();
+    assert_eq!(got, want, "payload sizes captured, in order");
+}
+
 struct RemoveOnDrop(std::path::PathBuf);
 
 impl Drop for RemoveOnDrop {

@@ -384,6 +384,7 @@ pub fn run() -> Result<()> {
     results["program_cost"] = serde_json::from_slice(&out.stdout).context("prog_cost output")?;
     progress("the monitor's cost (BPF_PROG_TEST_RUN)")?;
     results["monitor_cost"] = monitor_cost()?;
+    results["monitor_traffic"] = monitor_traffic()?;
 
     // 5. Control plane: imqctl wall time, and a rule change under load.
     let pair = Pair::new("ctl")?;
@@ -518,6 +519,109 @@ fn monitor_cost() -> Result<Value> {
     serde_json::from_slice(&out.stdout).context("monitor_cost output")
 }
 
+/// Runs per figure of the monitor's traffic comparison: its differences are small.
+const MONITOR_RUNS: usize = 5;
+
+/// imq ingress throughput (an unlimited FIFO on imq0) without a monitor and with one
+/// running in several ways, the states interleaved run by run.
+fn monitor_traffic() -> Result<Value> {
+    let pair = Variant::ImqIngress.setup("bmon", 1, 0)?;
+    let states: [(&str, Option<&[&str]>); 4] = [
+        ("no monitor", None),
+        (
+            "monitor on a device no rule uses (--dev imq5)",
+            Some(&["--dev", "imq5"]),
+        ),
+        ("monitor, default --rate (1000 events/s per CPU)", Some(&[])),
+        (
+            "monitor, every packet, 256 bytes each (--rate 100000000 -w /dev/null)",
+            Some(&["--rate", "100000000", "-w", "/dev/null"]),
+        ),
+    ];
+    let unlimited = Load {
+        rcvbuf: None,
+        ..tcp_load()
+    };
+    let mut tcp: Vec<Vec<f64>> = vec![Vec::new(); states.len()];
+    let mut udp: Vec<Vec<f64>> = vec![Vec::new(); states.len()];
+    let mut summaries = vec![String::new(); states.len()];
+    for run in 0..MONITOR_RUNS {
+        for (i, (name, args)) in states.iter().enumerate() {
+            progress(&format!(
+                "data path with a monitor, run {}/{MONITOR_RUNS}: {name}",
+                run + 1
+            ))?;
+            let monitor = args.map(|a| BenchMonitor::start(&pair.server, a)).transpose()?;
+            let measured = tcp_mbit(&pair, unlimited).and_then(|t| Ok((t, udp_kpps(&pair)?)));
+            if let Some(m) = monitor {
+                summaries[i] = m.stop()?;
+            }
+            let (t, u) = measured?;
+            tcp[i].push(t);
+            udp[i].push(u);
+        }
+    }
+    Ok(json!(
+        states
+            .iter()
+            .enumerate()
+            .map(|(i, (name, _))| json!({
+                "state": name,
+                "tcp_mbit": median(tcp[i].clone()),
+                "udp64_kpps": median(udp[i].clone()),
+                "last_summary": summaries[i],
+            }))
+            .collect::<Vec<_>>()
+    ))
+}
+
+/// `imqctl monitor` running in a namespace, its output thrown away.
+struct BenchMonitor {
+    child: std::process::Child,
+    stderr: std::io::BufReader<std::process::ChildStderr>,
+}
+
+impl BenchMonitor {
+    /// Starts it and waits until it says it is monitoring.
+    fn start(ns: &NetNs, args: &[&str]) -> Result<Self> {
+        use std::io::BufRead as _;
+        let imqctl = imq_tests::imqctl_path().context("no imqctl binary")?;
+        let mut child = ns
+            .command(imqctl.to_str().context("utf-8 path")?)
+            .arg("monitor")
+            .args(args)
+            // A bound, should the bench never stop it.
+            .args(["--duration", "60"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .context("spawn imqctl monitor")?;
+        let mut stderr = std::io::BufReader::new(child.stderr.take().context("stderr")?);
+        let mut first = String::new();
+        stderr.read_line(&mut first)?;
+        if !first.starts_with("monitoring") {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("imqctl monitor: {}", first.trim());
+        }
+        Ok(Self { child, stderr })
+    }
+
+    /// Stops it as Ctrl-C would; returns its summary line.
+    fn stop(mut self) -> Result<String> {
+        use std::io::Read as _;
+        // SAFETY: signalling our own child (ip netns exec execs imqctl in place).
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGINT) };
+        let mut rest = String::new();
+        self.stderr.read_to_string(&mut rest)?;
+        let status = self.child.wait()?;
+        if !status.success() {
+            bail!("imqctl monitor: {status}: {}", rest.trim());
+        }
+        Ok(rest.lines().last().unwrap_or_default().to_string())
+    }
+}
+
 /// Measures the monitor's cost alone into bench/results.json (the rest of the last
 /// run's figures stay) and writes BENCHMARKS.md again.
 pub fn monitor_only() -> Result<()> {
@@ -526,6 +630,7 @@ pub fn monitor_only() -> Result<()> {
     let path = root.join("bench/results.json");
     let mut results: Value = serde_json::from_str(&fs::read_to_string(&path)?)?;
     results["monitor_cost"] = monitor_cost()?;
+    results["monitor_traffic"] = monitor_traffic()?;
     fs::write(&path, serde_json::to_string_pretty(&results)?)?;
     fs::write(root.join("BENCHMARKS.md"), render(&results))?;
     Ok(())
@@ -802,6 +907,35 @@ fn monitor_section(r: &Value) -> String {
          wakeup_events = 1, likely most of it): at the default `--rate 1000` events per second and CPU, \
          below 0.5% of each CPU."
     );
+    if let Some(rows) = r["monitor_traffic"].as_array() {
+        let _ = writeln!(
+            o,
+            "\nThe data path with a monitor running: imq ingress, an unlimited FIFO on imq0, TCP and \
+             64-byte UDP as in §1, each figure the median of {MONITOR_RUNS} runs, the states interleaved \
+             run by run. The monitor runs in the server's namespace, on this machine's CPUs.\n"
+        );
+        let _ = writeln!(
+            o,
+            "| monitor | TCP Mbit/s | vs none | UDP 64 B kpps | vs none | its summary (last run) |"
+        );
+        let _ = writeln!(o, "|---|---:|---:|---:|---:|---|");
+        let base = rows
+            .first()
+            .map_or((f64::NAN, f64::NAN), |x| (f(&x["tcp_mbit"]), f(&x["udp64_kpps"])));
+        for x in rows {
+            let (t, u) = (f(&x["tcp_mbit"]), f(&x["udp64_kpps"]));
+            let _ = writeln!(
+                o,
+                "| {} | {:.0} | {:.2} | {:.0} | {:.2} | {} |",
+                x["state"].as_str().unwrap_or("?"),
+                t,
+                t / base.0,
+                u,
+                u / base.1,
+                x["last_summary"].as_str().unwrap_or("")
+            );
+        }
+    }
     o
 }
 
