@@ -216,9 +216,11 @@ impl Monitor {
 /// Creates a ring buffer for the data path's events, puts it into `slot` (the
 /// `imq_events` map-of-maps) and returns its reader. The data path writes into it from
 /// then on, until [`close_event_ring`] (or a new ring) takes its place.
+/// The ring is named `imq_mon_<pid>` after the process that made it.
 pub fn open_event_ring(slot: &MapData) -> Result<RingBuf<MapData>> {
-    let ring =
-        crate::sys::create_ringbuf(MONITOR_RING_BYTES).map_err(|e| Error::io("create the monitor's ring buffer", e))?;
+    let name = format!("imq_mon_{}", std::process::id());
+    let ring = crate::sys::create_ringbuf(MONITOR_RING_BYTES, &name)
+        .map_err(|e| Error::io("create the monitor's ring buffer", e))?;
     crate::sys::map_set_fd(slot.fd().as_fd(), 0, ring.as_fd())
         .map_err(|e| Error::io("hand the ring buffer to the data path", e))?;
     MapData::from_fd(ring)

@@ -265,13 +265,20 @@ pub fn wait_for_bpf_programs(inner: BorrowedFd<'_>) -> Result<()> {
     map_set_fd(outer.as_fd(), 0, inner).map_err(|e| Error::io("update map-of-maps", e))
 }
 
-/// A new BPF ring buffer of `bytes` (a power of two, in whole pages).
-pub fn create_ringbuf(bytes: u32) -> io::Result<OwnedFd> {
+/// A new BPF ring buffer of `bytes` (a power of two, in whole pages), named `name`
+/// (at most 15 bytes; what `bpftool map` shows).
+pub fn create_ringbuf(bytes: u32, name: &str) -> io::Result<OwnedFd> {
     const BPF_MAP_TYPE_RINGBUF: u32 = 27;
-    // BPF_MAP_CREATE: map_type, key_size, value_size (0 for a ring), max_entries.
+    // BPF_MAP_CREATE: map_type, key_size, value_size (0 for a ring), max_entries,
+    // map_flags, inner_map_fd, numa_node (u32 each), map_name (16 bytes, NUL-ended).
     let mut attr = [0u64; 16];
     attr[0] = u64::from(BPF_MAP_TYPE_RINGBUF);
     attr[1] = u64::from(bytes) << 32;
+    let name = &name.as_bytes()[..name.len().min(15)];
+    for (i, &b) in name.iter().enumerate() {
+        let at = 28 + i;
+        attr[at / 8] |= u64::from(b) << (8 * (at % 8));
+    }
     bpf_new_fd(BPF_MAP_CREATE, &mut attr)
 }
 

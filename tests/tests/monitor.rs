@@ -383,6 +383,26 @@ fn monitor_captures_whole_packets_of_every_size() {
     assert_eq!(got, want, "payload sizes captured, in order");
 }
 
+/// Whether the ring buffer of the monitor with this pid exists (`imq_mon_<pid>`,
+/// looked up among every BPF map of the host).
+fn ring_exists(pid: u32) -> bool {
+    let name = format!("imq_mon_{pid}");
+    aya::maps::loaded_maps().any(|m| m.is_ok_and(|m| m.name_as_str() == Some(name.as_str())))
+}
+
+/// Waits up to 5 s for that ring buffer to be freed (the kernel frees a map after a
+/// grace period, from a work queue).
+fn ring_gone(pid: u32) -> bool {
+    let until = std::time::Instant::now() + Duration::from_secs(5);
+    while ring_exists(pid) {
+        if std::time::Instant::now() > until {
+            return false;
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    true
+}
+
 struct RemoveOnDrop(std::path::PathBuf);
 
 impl Drop for RemoveOnDrop {
@@ -507,10 +527,23 @@ fn bad_monitor_requests_are_refused_in_one_line() {
     assert_eq!(config(s), before, "refusals changed nothing");
     // A monitor that ends turns the reports off: the next one starts. So does one
     // killed outright (SIGKILL: no chance to clean up), after any imqctl command.
-    Monitor::start(s, &[]).stop();
+    // Each monitor's ring buffer (named after its pid) goes with it: at once when it
+    // stops, at the next imqctl command when it was killed.
+    let stopped = Monitor::start(s, &[]);
+    let pid = stopped.child.as_ref().unwrap().id();
+    assert!(ring_exists(pid), "a running monitor has its ring");
+    stopped.stop();
+    assert!(ring_gone(pid), "the ring of a monitor that stopped is freed");
     let mut killed = Monitor::start(s, &[]);
+    let pid = killed.child.as_ref().unwrap().id();
     drop(killed.child.take().map(|mut c| (c.kill(), c.wait())));
+    thread::sleep(Duration::from_millis(300));
+    assert!(
+        ring_exists(pid),
+        "a killed monitor's ring stays in the data path's slot"
+    );
     s.imqctl_ok(&["show"]);
+    assert!(ring_gone(pid), "the next command frees a killed monitor's ring");
     let mon = Monitor::start(s, &["-j"]);
     assert!(ping(c, &pair.server_v4(), 2) > 0);
     let (out, _) = mon.stop();
