@@ -30,8 +30,13 @@
 /// [`DEVICES_MAP`].
 pub const MAX_DEVICES: u32 = 256;
 
-/// Rules in one network namespace, over all hooks; also the counter slots.
+/// Rules in one network namespace, over all hooks.
 pub const MAX_RULES: u32 = 65536;
+
+/// Rule ids, and so counter slots: while a change lands, the rules it replaces are
+/// still in force beside the new ones (each rule that changes takes a fresh id, its
+/// counter starting from zero), so twice [`MAX_RULES`].
+pub const MAX_RULE_IDS: u32 = 2 * MAX_RULES;
 
 /// Shapes one hook may use. The data path does at most this many lookups per packet.
 pub const MAX_SHAPES: usize = 32;

@@ -30,10 +30,10 @@ use network_types::{
 
 use imq_common::{
     Counters, DEVICE_DOWN, DIRECTION_EGRESS, DIRECTION_INGRESS, Device, EntryKey, FLOW_PORTS, FlowKey, Hook, HookKey,
-    MAX_DEVICES, MAX_ENTRIES, MAX_HOOKS, MAX_RULES, MAX_SHAPES, MAX_SNAPLEN, MONITOR_DEV, MONITOR_DIRECTION,
-    MONITOR_IFINDEX, MONITOR_PRIO, MONITOR_RING_BYTES, MONITOR_SELECTED, MONITOR_UNMATCHED, MonitorConfig,
-    MonitorEvent, MonitorState, RuleKey, RuleSpec, TARGET_SET_MARK, TARGET_SET_PRIORITY, Target, VERDICT_BYPASSED,
-    VERDICT_SELECTED, VERDICT_UNMATCHED,
+    MAX_DEVICES, MAX_ENTRIES, MAX_HOOKS, MAX_RULE_IDS, MAX_RULES, MAX_SHAPES, MAX_SNAPLEN, MONITOR_DEV,
+    MONITOR_DIRECTION, MONITOR_IFINDEX, MONITOR_PRIO, MONITOR_RING_BYTES, MONITOR_SELECTED, MONITOR_UNMATCHED,
+    MonitorConfig, MonitorEvent, MonitorState, RuleKey, RuleSpec, TARGET_SET_MARK, TARGET_SET_PRIORITY, Target,
+    VERDICT_BYPASSED, VERDICT_SELECTED, VERDICT_UNMATCHED,
 };
 
 /// The generation in use (index 0). Only ever 0 or 1, so a reader racing the flip
@@ -68,7 +68,7 @@ static IFINDEXES: HashMap<u32, u32> = HashMap::with_max_entries(2 * MAX_DEVICES,
 /// Per-rule packets and bytes sent to the imq device, per CPU. The control plane
 /// creates a rule's slot (zeroed) before the rule can match and deletes it after.
 #[map(name = "imq_counters")]
-static COUNTERS: PerCpuHashMap<u32, Counters> = PerCpuHashMap::with_max_entries(MAX_RULES, BPF_F_NO_PREALLOC);
+static COUNTERS: PerCpuHashMap<u32, Counters> = PerCpuHashMap::with_max_entries(MAX_RULE_IDS, BPF_F_NO_PREALLOC);
 
 /// What `imqctl monitor` asked to see; all zero when nobody watches.
 #[map(name = "imq_monitor")]

@@ -75,6 +75,10 @@ pub enum Error {
     NotIfb { name: String, kind: String },
     #[error("{0} is not on a bpffs and none can be mounted there")]
     NotBpffs(PathBuf),
+    #[error(
+        "{0} {1}: refusing imq state that another user could have made or changed (check it, then remove it: rm -r {0})"
+    )]
+    UntrustedState(PathBuf, String),
     #[error("{0}")]
     BadShaper(String),
     #[error("this kernel has no {kind} qdisc (sch_{kind}){available}")]

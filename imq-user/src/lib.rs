@@ -25,7 +25,7 @@ use std::{
     path::PathBuf,
 };
 
-use imq_common::{DEVICE_DOWN, MAX_RULES};
+use imq_common::{DEVICE_DOWN, MAX_RULE_IDS, MAX_RULES};
 
 use serde::Serialize;
 
@@ -230,10 +230,11 @@ fn needs(rules: &[(u32, Rule)], tcx: bool) -> BTreeSet<Need> {
         .collect()
 }
 
-/// The `n` lowest rule ids `rules` does not use.
+/// The `n` lowest rule ids `rules` does not use. There are always enough for a
+/// change whose old and new rules are each within [`MAX_RULES`].
 fn free_ids(rules: &[(u32, Rule)], n: usize) -> Result<Vec<u32>> {
     let used: BTreeSet<u32> = rules.iter().map(|(id, _)| *id).collect();
-    let free: Vec<u32> = (0..MAX_RULES).filter(|i| !used.contains(i)).take(n).collect();
+    let free: Vec<u32> = (0..MAX_RULE_IDS).filter(|i| !used.contains(i)).take(n).collect();
     if free.len() < n {
         return Err(Error::TooManyRules(MAX_RULES));
     }
@@ -495,6 +496,9 @@ impl Imq {
             return Ok(Attached::Unchanged);
         }
         let mut new = Self::without_gone(&links, &old);
+        if new.len() + added.len() > MAX_RULES as usize {
+            return Err(Error::TooManyRules(MAX_RULES));
+        }
         let ids = free_ids(&old, added.len())?;
         new.extend(ids.into_iter().zip(added));
         let compiled = self.compile(&links, &new)?;

@@ -209,8 +209,10 @@ pub(crate) fn zeroed_per_cpu<T: aya::Pod + Default + Clone>(cpus: usize) -> Resu
     PerCpuValues::try_from(vec![T::default(); cpus]).map_err(|e| Error::io("per-CPU values", e))
 }
 
+/// Creates `dir` for root alone (mode 0700), if missing.
 fn ensure_dir(dir: &Path) -> Result<()> {
-    match fs::create_dir(dir) {
+    use std::os::unix::fs::DirBuilderExt as _;
+    match fs::DirBuilder::new().mode(0o700).create(dir) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
         Err(e) => Err(Error::io(format!("create {}", dir.display()), e)),
@@ -261,6 +263,7 @@ impl State {
     pub fn lock(bpffs: Option<&Path>) -> Result<Locked> {
         let root = sys::find_bpffs(bpffs)?.join("imq");
         ensure_dir(&root)?;
+        sys::check_trusted_dir(&root)?;
         let lock = sys::Lock::exclusive(&root)?;
         Ok(Locked {
             dir: root.join(sys::netns_id()?.dir_name()),

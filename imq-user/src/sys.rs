@@ -130,12 +130,48 @@ pub fn is_bpffs(path: &Path) -> bool {
 
 fn mount_bpffs_here(path: &Path) -> io::Result<()> {
     let target = CString::new(path.as_os_str().as_bytes())?;
-    // SAFETY: valid C strings; no data argument.
-    let ret = unsafe { libc::mount(c"bpf".as_ptr(), target.as_ptr(), c"bpf".as_ptr(), 0, std::ptr::null()) };
-    if ret == 0 {
+    if mount_bpffs(&target) {
         Ok(())
     } else {
         Err(io::Error::last_os_error())
+    }
+}
+
+/// Mounts a bpffs at `target` as systemd does: only root may enter it (mode 0700),
+/// and nothing in it is a device, setuid or executable. (A bpffs mounted with the
+/// default 1777 would let any user create imq's directory or hold its lock.) Only
+/// raw syscalls: a forked child calls it.
+fn mount_bpffs(target: &std::ffi::CStr) -> bool {
+    let flags = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+    // SAFETY: valid C strings; the data argument is a C string of mount options.
+    unsafe {
+        libc::mount(
+            c"bpf".as_ptr(),
+            target.as_ptr(),
+            c"bpf".as_ptr(),
+            flags,
+            c"mode=0700".as_ptr().cast(),
+        ) == 0
+    }
+}
+
+/// Refuses a directory of imq's state that someone other than root could have made
+/// or could change: imqctl trusts what it finds there (the lock, the pinned maps).
+pub fn check_trusted_dir(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::MetadataExt as _;
+    let m = fs::symlink_metadata(dir).map_err(|e| Error::io(format!("stat {}", dir.display()), e))?;
+    let why = if !m.is_dir() {
+        Some("is not a directory".to_owned())
+    } else if m.uid() != 0 {
+        Some(format!("is owned by uid {}, not root", m.uid()))
+    } else if m.mode() & 0o022 != 0 {
+        Some(format!("is writable by other users (mode {:o})", m.mode() & 0o7777))
+    } else {
+        None
+    };
+    match why {
+        Some(why) => Err(Error::UntrustedState(dir.to_owned(), why)),
+        None => Ok(()),
     }
 }
 
@@ -183,7 +219,7 @@ fn mount_bpffs_in(pid: &str) -> io::Result<()> {
         0 => unsafe {
             let ok = libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNS) == 0
                 && libc::chdir(root.as_ptr()) == 0
-                && libc::mount(c"bpf".as_ptr(), target.as_ptr(), c"bpf".as_ptr(), 0, std::ptr::null()) == 0;
+                && mount_bpffs(&target);
             libc::_exit(if ok { 0 } else { 1 })
         },
         child => {

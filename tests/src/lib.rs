@@ -495,6 +495,11 @@ impl NetNs {
 
     /// Runs `imqctl apply -f FILE` with `text` as the rule file.
     pub fn imqctl_apply(&self, text: &str) -> Imqctl {
+        self.imqctl_apply_with(text, &[])
+    }
+
+    /// As [`NetNs::imqctl_apply`], with more arguments after `-f FILE`.
+    pub fn imqctl_apply_with(&self, text: &str, more: &[&str]) -> Imqctl {
         let path = std::env::temp_dir().join(format!("imq-rules-{}-{}.toml", self.name, unique_id()));
         if let Err(e) = std::fs::write(&path, text) {
             return Imqctl {
@@ -503,7 +508,9 @@ impl NetNs {
                 stderr: format!("write {}: {e}", path.display()),
             };
         }
-        let r = self.imqctl(&["apply", "-f", path.to_str().expect("utf-8 path")]);
+        let mut args = vec!["apply", "-f", path.to_str().expect("utf-8 path")];
+        args.extend_from_slice(more);
+        let r = self.imqctl(&args);
         let _ = std::fs::remove_file(&path);
         r
     }

@@ -244,6 +244,59 @@ fn ten_thousand_rules(flow_rule: &str) -> String {
     text
 }
 
+/// `n` per-host rules on s0 (prio 1..=n, sources 198.19.0.0 up, then 198.18.255.0
+/// up), all to `dev`.
+fn per_host_rules(n: u32, dev: &str) -> String {
+    let mut text = String::with_capacity(n as usize * 100);
+    let dev = format!("\"{dev}\"");
+    for i in 0..n {
+        let src = match i {
+            0..65_536 => format!("\"198.19.{}.{}/32\"", i / 256, i % 256),
+            _ => format!("\"198.18.255.{}/32\"", i - 65_536),
+        };
+        let prio = (i + 1).to_string();
+        text.push_str(&toml_rule(&[
+            ("interface", "\"s0\""),
+            ("prio", &prio),
+            ("src", &src),
+            ("dev", &dev),
+        ]));
+    }
+    text
+}
+
+/// A namespace holds 65,536 rules, and `apply` can replace all of them with 65,536
+/// others at once (the old ones stay in force until the new ones land, so both sets
+/// need ids at the same time); one more rule is refused with that figure, changing
+/// nothing.
+#[test]
+fn every_rule_can_be_replaced_at_once_up_to_the_limit() {
+    require_root();
+    let pair = Pair::new("cap").unwrap();
+    let s = &pair.server;
+    let count = |dev: &str| {
+        show(s)["rules"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| r["dev"] == dev)
+            .count()
+    };
+    for dev in ["imq1", "imq2"] {
+        let r = s.imqctl_apply(&per_host_rules(65_536, dev));
+        assert_eq!(r.code, 0, "65,536 rules to {dev}: {}", r.stderr);
+        assert_eq!(count(dev), 65_536, "every rule now sends to {dev}");
+    }
+    let r = s.imqctl_apply(&per_host_rules(65_537, "imq3"));
+    assert_ne!(r.code, 0);
+    assert_eq!(
+        r.stderr.trim(),
+        "imqctl: a namespace holds at most 65536 rules",
+        "one line, the real limit"
+    );
+    assert_eq!(count("imq2"), 65_536, "the refusal changed nothing");
+}
+
 fn tcp_unshaped(pair: &Pair, port: u16) -> f64 {
     let g = goodput(&pair.client, &pair.server, &pair.server_v4(), port);
     eprintln!("port {port}: {g}");
@@ -416,6 +469,26 @@ fn rule_files_are_checked_whole_and_export_reads_back() {
     let r = s.imqctl_apply(&exported);
     assert_eq!(r.code, 0, "{}\n{exported}", r.stderr);
     assert_eq!(config(s), applied, "export, then apply, gives back the same rules");
+
+    // A file with no rules (empty, or comments only: a truncated or wrong file) would
+    // remove every rule: refused in one line unless asked for, changing nothing.
+    for text in ["", "# nothing yet\n"] {
+        let r = s.imqctl_apply(text);
+        assert_ne!(r.code, 0);
+        assert_eq!(r.stderr.lines().count(), 1, "{}", r.stderr);
+        assert!(
+            r.stderr
+                .contains("has no rules: applying it would remove all 3 rule(s) in place; pass --allow-empty"),
+            "{}",
+            r.stderr
+        );
+        assert_eq!(config(s), applied, "the refusal changed nothing");
+    }
+    let r = s.imqctl_apply_with("", &["--allow-empty"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(config(s)["rules"].as_array().unwrap().is_empty());
+    // With nothing to remove, an empty file is no loss.
+    assert_eq!(s.imqctl_apply("").code, 0);
 }
 
 /// A packet an imq device re-injects is never selected again, even when a rule's

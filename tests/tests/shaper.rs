@@ -257,8 +257,12 @@ fn shape_with_cake_both_ways_and_unshape() {
     assert_eq!(shaper(&again)["up"], "20mbit", "{again}");
     assert_rate(goodput(c, s, &server, 5305), 4.75, 0.15, "download after apply");
 
-    // An empty file removes the shaper as it removes rules.
-    assert_eq!(s.imqctl_apply("").code, 0);
+    // An empty file removes the shaper as it removes rules (when asked to).
+    let r = s.imqctl_apply("");
+    assert_ne!(r.code, 0);
+    assert!(r.stderr.contains("--allow-empty"), "{}", r.stderr);
+    assert_eq!(shaper(&show(s))["down"], "5mbit", "the refusal changed nothing");
+    assert_eq!(s.imqctl_apply_with("", &["--allow-empty"]).code, 0);
     assert!(imq_devices(s).is_empty(), "{:?}", imq_devices(s));
     assert!(root_qdisc(s, "s0").contains("noqueue"), "{}", root_qdisc(s, "s0"));
 }

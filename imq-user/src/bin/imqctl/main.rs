@@ -79,6 +79,10 @@ enum Command {
         /// Rule file ("-": standard input)
         #[arg(long, short)]
         file: PathBuf,
+        /// Apply a file with no rules and no shapers even though it removes every rule
+        /// in place (refused without this, so an empty or truncated file cannot)
+        #[arg(long)]
+        allow_empty: bool,
     },
     /// Print every rule in the format of `apply`
     Export,
@@ -361,7 +365,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let n = imq.detach(&interface, direction, selector)?;
             eprintln!("removed {n} rule(s) from {interface}");
         }
-        Command::Apply { file } => {
+        Command::Apply { file, allow_empty } => {
             let text = if file.as_os_str() == "-" {
                 std::io::read_to_string(std::io::stdin())
             } else {
@@ -369,6 +373,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
             let setup = rulefile::parse_setup(&text).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+            if setup.rules.is_empty() && setup.shapers.is_empty() && !allow_empty {
+                let n = imq.show()?.rules.len();
+                if n > 0 {
+                    anyhow::bail!(
+                        "{} has no rules: applying it would remove all {n} rule(s) in place; \
+                         pass --allow-empty to do that (or run imqctl flush)",
+                        file.display()
+                    );
+                }
+            }
             let applied = imq.apply(&setup).map_err(|e| match e {
                 imq::Error::RuleFile { .. } => anyhow::anyhow!("{}: {e}", file.display()),
                 e => e.into(),

@@ -1,0 +1,98 @@
+//! Who imq's pinned state trusts: a bpffs that imqctl mounts is root's alone (mode
+//! 0700, nosuid, nodev, noexec), and an `imq/` directory another user made, or may
+//! write to, is refused in one line before anything changes.
+//!
+//! Every mount here happens in a private mount namespace (`unshare --mount`) that dies
+//! with the command: the host's mounts are never touched.
+
+use std::process::Command;
+
+use imq_tests::{Pair, imqctl_path, require_root};
+
+/// Runs `script` with sh in a private mount namespace (and a new pid namespace when
+/// `new_pid_ns`, where imqctl sees no ancestor outside it); returns (exit code,
+/// stdout, stderr).
+fn in_private_mount_ns(script: &str, new_pid_ns: bool) -> (i32, String, String) {
+    let mut c = Command::new("unshare");
+    c.args(["--mount", "--propagation", "private"]);
+    if new_pid_ns {
+        c.args(["--pid", "--fork", "--mount-proc"]);
+    }
+    let out = c
+        .args(["sh", "-c", script])
+        .env("IMQCTL", imqctl_path().expect("no imqctl binary"))
+        .output()
+        .expect("run unshare");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// With no bpffs on /sys/fs/bpf, imqctl mounts one: for root alone, and with no
+/// devices, setuid files or executables in it.
+#[test]
+fn the_bpffs_imqctl_mounts_is_roots_alone() {
+    require_root();
+    // The private namespace's /sys/fs/bpf unmounted (lazily, should something hold
+    // it), then any imqctl command; then what it mounted.
+    let script = r#"
+        umount -l /sys/fs/bpf 2>/dev/null
+        if grep -q " /sys/fs/bpf bpf " /proc/self/mounts; then echo "still mounted"; exit 1; fi
+        "$IMQCTL" show >/dev/null || exit 1
+        stat -c '%a %u' /sys/fs/bpf
+        grep " /sys/fs/bpf bpf " /proc/self/mounts
+    "#;
+    let (code, out, err) = in_private_mount_ns(script, true);
+    assert_eq!(code, 0, "{out}{err}");
+    let mut lines = out.lines();
+    // The kernel always adds the sticky bit to a bpffs root (bpf_fill_super).
+    assert_eq!(lines.next(), Some("1700 0"), "mode and owner of the bpffs root: {out}");
+    let mount = lines.next().expect("the bpffs mount");
+    let options: Vec<&str> = mount.split_whitespace().nth(3).unwrap().split(',').collect();
+    for want in ["nosuid", "nodev", "noexec", "mode=700"] {
+        assert!(options.contains(&want), "{want} missing from {mount}");
+    }
+}
+
+/// An `imq/` directory that is not root's, or that others may write to, is refused in
+/// one line, and nothing is created: no device, no pinned state.
+#[test]
+fn imq_state_another_user_could_touch_is_refused() {
+    require_root();
+    let pair = Pair::new("trust").unwrap();
+    let ns = pair.server.name();
+    for (setup, says) in [
+        ("chown 65534 $d/imq", "is owned by uid 65534, not root"),
+        ("chmod 0777 $d/imq", "is writable by other users (mode 777)"),
+        ("chmod 0720 $d/imq", "is writable by other users (mode 720)"),
+        ("rmdir $d/imq && ln -s /tmp $d/imq", "is not a directory"),
+    ] {
+        // A bpffs of the test's own, mounted the way a careless setup would (1777),
+        // with an imq/ directory prepared as `setup` says.
+        let script = format!(
+            r#"
+            d=$(mktemp -d) && mount -t bpf bpf "$d" && chmod 1777 "$d" && mkdir -m 0700 "$d/imq" && {setup} || exit 99
+            ip netns exec {ns} "$IMQCTL" --bpffs "$d" attach s0 2>&1
+            echo "exit $?"
+            ls -d "$d"/imq/net-* 2>/dev/null | grep -c . || true
+            "#
+        );
+        let (code, out, err) = in_private_mount_ns(&script, false);
+        assert_eq!(code, 0, "{setup}: {out}{err}");
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines.len(), 3, "{setup}: one line of error, the exit, the count: {out}");
+        assert!(
+            lines[0].starts_with("imqctl: ") && lines[0].contains(says),
+            "{setup}: {out}"
+        );
+        assert!(lines[0].contains("refusing imq state"), "{setup}: {out}");
+        assert_ne!(lines[1], "exit 0", "{setup}: {out}");
+        assert_eq!(lines[2], "0", "{setup}: no namespace state created in imq/: {out}");
+        assert!(
+            pair.server.ip(&["link", "show", "imq0"]).is_err(),
+            "{setup}: no imq device created"
+        );
+    }
+}
