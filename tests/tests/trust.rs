@@ -33,7 +33,7 @@ fn in_private_mount_ns(script: &str, new_pid_ns: bool) -> (i32, String, String) 
 /// With no bpffs on /sys/fs/bpf, imqctl mounts one: for root alone, and with no
 /// devices, setuid files or executables in it.
 #[test]
-fn the_bpffs_imqctl_mounts_is_roots_alone() {
+fn trust_bpffs_imqctl_mounts_is_roots_alone() {
     require_root();
     // The private namespace's /sys/fs/bpf unmounted (lazily, should something hold
     // it), then any imqctl command; then what it mounted.
@@ -59,7 +59,7 @@ fn the_bpffs_imqctl_mounts_is_roots_alone() {
 /// An `imq/` directory that is not root's, or that others may write to, is refused in
 /// one line, and nothing is created: no device, no pinned state.
 #[test]
-fn imq_state_another_user_could_touch_is_refused() {
+fn trust_refuses_imq_state_another_user_could_touch() {
     require_root();
     let pair = Pair::new("trust").unwrap();
     let ns = pair.server.name();

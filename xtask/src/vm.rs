@@ -61,6 +61,20 @@ const GUEST_TOOLS: &[&str] = &[
     "kmod",
     "modprobe",
     "uname",
+    // tests/trust.rs: private mount namespaces, a bpffs of its own, modes and owners.
+    "sh",
+    "unshare",
+    "mount",
+    "umount",
+    "mktemp",
+    "stat",
+    "grep",
+    "ls",
+    "chmod",
+    "chown",
+    "ln",
+    "rmdir",
+    "mkdir",
 ];
 
 /// Module trees the guest gets (with what they depend on): qdiscs, classifiers,
