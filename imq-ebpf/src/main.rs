@@ -605,7 +605,6 @@ fn parse_ipv6(ctx: &TcContext, flow: &mut FlowKey) -> Option<(u8, usize, bool)> 
     }
     let mut next = h.next_hdr;
     let mut off = EthHdr::LEN + Ipv6Hdr::LEN;
-    let mut first_fragment = true;
     for _ in 0..MAX_EXT_HEADERS {
         let len = match next {
             IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS | IPPROTO_AH | IPPROTO_FRAGMENT => {
@@ -619,7 +618,10 @@ fn parse_ipv6(ctx: &TcContext, flow: &mut FlowKey) -> Option<(u8, usize, bool)> 
                 let len = match next {
                     IPPROTO_FRAGMENT => {
                         if u16::from_be_bytes([e[2], e[3]]) & 0xfff8 != 0 {
-                            first_fragment = false;
+                            // A later fragment: what follows is a piece of payload, not
+                            // headers. Its protocol is the one the fragment header
+                            // names, as for the kernel (ipv6_skip_exthdr).
+                            return Some((e[0], off + 8, false));
                         }
                         8
                     }
@@ -629,7 +631,9 @@ fn parse_ipv6(ctx: &TcContext, flow: &mut FlowKey) -> Option<(u8, usize, bool)> 
                 next = e[0];
                 len
             }
-            _ => return Some((next, off, first_fragment)),
+            // The transport header (or one we do not walk): a first fragment, or no
+            // fragment at all.
+            _ => return Some((next, off, true)),
         };
         off += len;
     }

@@ -241,6 +241,9 @@ fn free_ids(rules: &[(u32, Rule)], n: usize) -> Result<Vec<u32>> {
     Ok(free)
 }
 
+/// Named rules, shapers and `[[device]]` setups: what a rule file holds.
+type ExportParts = (Vec<(String, Rule)>, Vec<Shaper>, Vec<rulefile::FileDevice>);
+
 impl Imq {
     /// Checks privileges; changes nothing.
     pub fn new(opts: Options) -> Result<Self> {
@@ -566,24 +569,7 @@ impl Imq {
     /// changed.
     pub fn apply(&mut self, setup: &rulefile::Setup) -> Result<Applied> {
         let links = self.nl.links()?;
-        let index = |name: &str| {
-            let link = links
-                .iter()
-                .find(|l| l.name == name)
-                .ok_or_else(|| Error::NoSuchInterface(name.to_owned()))?;
-            check_source(link)?;
-            Ok(link.index)
-        };
-        let wanted = rulefile::plan(&setup.rules, index)?;
-        for (line, s) in &setup.shapers {
-            index(&s.interface).map_err(|e| Error::RuleFile {
-                line: *line,
-                message: e.to_string(),
-            })?;
-        }
-        if wanted.len() > MAX_RULES as usize {
-            return Err(Error::TooManyRules(MAX_RULES));
-        }
+        let wanted = Self::plan_setup(&links, setup)?;
         for d in &setup.devices {
             self.existing_dev(d.name).map_err(|e| Error::RuleFile {
                 line: d.line,
@@ -611,21 +597,79 @@ impl Imq {
         })
     }
 
+    /// The rules of a rule file, placed on the interfaces they name; checks that the
+    /// interfaces of its rules and shapers exist and can carry rules.
+    fn plan_setup(links: &[netlink::Link], setup: &rulefile::Setup) -> Result<Vec<Rule>> {
+        let index = |name: &str| {
+            let link = links
+                .iter()
+                .find(|l| l.name == name)
+                .ok_or_else(|| Error::NoSuchInterface(name.to_owned()))?;
+            check_source(link)?;
+            Ok(link.index)
+        };
+        let wanted = rulefile::plan(&setup.rules, index)?;
+        for (line, s) in &setup.shapers {
+            index(&s.interface).map_err(|e| Error::RuleFile {
+                line: *line,
+                message: e.to_string(),
+            })?;
+        }
+        if wanted.len() > MAX_RULES as usize {
+            return Err(Error::TooManyRules(MAX_RULES));
+        }
+        Ok(wanted)
+    }
+
+    /// What `export` prints now, and what it would print after `apply` of `setup`;
+    /// changes nothing. The file is checked as `apply` checks it, but for what only
+    /// the kernel can judge (the qdisc lines of `[[device]]` tables, the devices'
+    /// state).
+    pub fn apply_preview(&mut self, setup: &rulefile::Setup) -> Result<(String, String)> {
+        let (rules, shapers, devices) = self.export_parts()?;
+        let before = rulefile::render(&rules, &shapers, &devices);
+        let links = self.nl.links()?;
+        let wanted = Self::plan_setup(&links, setup)?;
+        let rules = Self::named(&links, wanted);
+        // A shaper that leaves its device to imq keeps the one it has.
+        let wanted_shapers: Vec<Shaper> = setup
+            .shapers
+            .iter()
+            .map(|(_, s)| Shaper {
+                dev: s
+                    .dev
+                    .or_else(|| shapers.iter().find(|o| o.interface == s.interface).and_then(|o| o.dev)),
+                ..s.clone()
+            })
+            .collect();
+        Ok((before, rulefile::render(&rules, &wanted_shapers, &setup.devices)))
+    }
+
     /// Every rule and shaper, in the rule file format of `apply`.
     pub fn export(&mut self) -> Result<String> {
+        let (rules, shapers, devices) = self.export_parts()?;
+        Ok(rulefile::render(&rules, &shapers, &devices))
+    }
+
+    /// What `export` prints: the rules (but the shapers'), the shapers, the devices.
+    fn export_parts(&mut self) -> Result<ExportParts> {
         let links = self.nl.links()?;
         let (rules, devices) = match State::open(self.bpffs())? {
             Some(mut state) => (state.rules()?, Self::device_entries(&state)?),
             None => (Vec::new(), Vec::new()),
         };
         let found = self.find_shapers(&links, &self.all_qdiscs()?, &rules)?;
-        let (mut base, shapers) = Self::split(&links, &rules, &found);
-        base.sort_by_key(|r| (r.ifindex, r.direction, r.prio));
-        let named: Vec<(String, Rule)> = base
+        let (base, shapers) = Self::split(&links, &rules, &found);
+        Ok((Self::named(&links, base), shapers, devices))
+    }
+
+    /// Rules with the names of their interfaces, in the order `export` writes them.
+    fn named(links: &[netlink::Link], mut rules: Vec<Rule>) -> Vec<(String, Rule)> {
+        rules.sort_by_key(|r| (r.ifindex, r.direction, r.prio));
+        rules
             .into_iter()
             .filter_map(|r| Some((links.iter().find(|l| l.index == r.ifindex)?.name.clone(), r)))
-            .collect();
-        Ok(rulefile::render(&named, &shapers, &devices))
+            .collect()
     }
 
     pub fn show(&mut self) -> Result<Status> {

@@ -272,6 +272,18 @@ fn ipv6_extension_headers_are_walked() {
     assert_eq!(h.selected_by(&fragment(0, true), 0..2), Some(0));
     assert_eq!(h.selected_by(&fragment(1, true), 0..2), Some(1));
     assert_eq!(h.selected_by(&fragment(100, false), 0..2), Some(1));
+    // A later fragment's bytes are payload, never headers: here its fragment header
+    // names destination options (60), and the payload happens to look like one that
+    // names UDP. Walking into it would make the fragment UDP; its protocol is 60.
+    let mut f = vec![60, 0];
+    f.extend_from_slice(&(100u16 << 3).to_be_bytes());
+    f.extend_from_slice(&[0, 0, 0, 7]);
+    f.extend_from_slice(&[17, 0, 0, 0, 0, 0, 0, 0]);
+    f.extend_from_slice(&udp);
+    assert_eq!(
+        h.selected_by(&ipv6("2001:db8::1", "2001:db8::2", 0, 44, &f), 0..2),
+        None
+    );
 
     // More extension headers than the walk takes: the transport header is never
     // reached, so neither rule (both need udp) matches.

@@ -265,12 +265,13 @@ fn per_host_rules(n: u32, dev: &str) -> String {
     text
 }
 
-/// A namespace holds 65,536 rules, and `apply` can replace all of them with 65,536
-/// others at once (the old ones stay in force until the new ones land, so both sets
-/// need ids at the same time); one more rule is refused with that figure, changing
-/// nothing.
+/// `apply` can replace every rule with as many others at once: the old ones stay in
+/// force until the new ones land, so both sets need rule ids at the same time, which
+/// stopped at 32,768 rules each. 33,000 replaced by 33,000 others shows it (65,536 by
+/// 65,536 works too, but takes minutes under the VMs' emulation). More than 65,536
+/// rules are refused with that figure, changing nothing.
 #[test]
-fn every_rule_can_be_replaced_at_once_up_to_the_limit() {
+fn every_rule_can_be_replaced_at_once() {
     require_root();
     let pair = Pair::new("cap").unwrap();
     let s = &pair.server;
@@ -283,9 +284,9 @@ fn every_rule_can_be_replaced_at_once_up_to_the_limit() {
             .count()
     };
     for dev in ["imq1", "imq2"] {
-        let r = s.imqctl_apply(&per_host_rules(65_536, dev));
-        assert_eq!(r.code, 0, "65,536 rules to {dev}: {}", r.stderr);
-        assert_eq!(count(dev), 65_536, "every rule now sends to {dev}");
+        let r = s.imqctl_apply(&per_host_rules(33_000, dev));
+        assert_eq!(r.code, 0, "33,000 rules to {dev}: {}", r.stderr);
+        assert_eq!(count(dev), 33_000, "every rule now sends to {dev}");
     }
     let r = s.imqctl_apply(&per_host_rules(65_537, "imq3"));
     assert_ne!(r.code, 0);
@@ -294,7 +295,7 @@ fn every_rule_can_be_replaced_at_once_up_to_the_limit() {
         "imqctl: a namespace holds at most 65536 rules",
         "one line, the real limit"
     );
-    assert_eq!(count("imq2"), 65_536, "the refusal changed nothing");
+    assert_eq!(count("imq2"), 33_000, "the refusal changed nothing");
 }
 
 fn tcp_unshaped(pair: &Pair, port: u16) -> f64 {
@@ -489,6 +490,43 @@ fn rule_files_are_checked_whole_and_export_reads_back() {
     assert!(config(s)["rules"].as_array().unwrap().is_empty());
     // With nothing to remove, an empty file is no loss.
     assert_eq!(s.imqctl_apply("").code, 0);
+
+    // --dry-run prints the blocks that would go (-) and come (+), changes nothing.
+    assert_eq!(s.imqctl_apply(&exported).code, 0);
+    let dry = |text: &str| {
+        let r = s.imqctl_apply_with(text, &["--dry-run"]);
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        assert_eq!(config(s), applied, "a dry run changed nothing");
+        (r.stdout, r.stderr.trim().to_owned())
+    };
+    let (out, said) = dry(&exported);
+    assert_eq!(
+        (out.as_str(), said.as_str()),
+        ("", "dry run: 0 block(s) removed, 0 added, 3 unchanged; nothing changed")
+    );
+    let (out, said) = dry("");
+    assert_eq!(
+        said,
+        "dry run: 3 block(s) removed, 0 added, 0 unchanged; nothing changed"
+    );
+    assert_eq!(out.matches("- [[rule]]\n").count(), 3, "{out}");
+    assert!(out.lines().all(|l| l.starts_with("- ")), "{out}");
+    let more = format!(
+        "{exported}\n{}",
+        toml_rule(&[
+            ("interface", "\"s0\""),
+            ("prio", "77"),
+            ("dport", "4444"),
+            ("proto", "\"tcp\"")
+        ])
+    );
+    let (out, said) = dry(&more);
+    assert_eq!(
+        said,
+        "dry run: 0 block(s) removed, 1 added, 3 unchanged; nothing changed"
+    );
+    assert!(out.starts_with("+ [[rule]]\n+ interface = \"s0\"\n"), "{out}");
+    assert!(out.contains("+ dport = \"4444\"\n"), "{out}");
 }
 
 /// A packet an imq device re-injects is never selected again, even when a rule's

@@ -83,6 +83,10 @@ enum Command {
         /// in place (refused without this, so an empty or truncated file cannot)
         #[arg(long)]
         allow_empty: bool,
+        /// Print what would change (rule file blocks, - removed, + added) and change
+        /// nothing
+        #[arg(long)]
+        dry_run: bool,
     },
     /// Print every rule in the format of `apply`
     Export,
@@ -365,7 +369,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let n = imq.detach(&interface, direction, selector)?;
             eprintln!("removed {n} rule(s) from {interface}");
         }
-        Command::Apply { file, allow_empty } => {
+        Command::Apply {
+            file,
+            allow_empty,
+            dry_run,
+        } => {
             let text = if file.as_os_str() == "-" {
                 std::io::read_to_string(std::io::stdin())
             } else {
@@ -373,6 +381,25 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
             let setup = rulefile::parse_setup(&text).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+            if dry_run {
+                let (before, after) = imq.apply_preview(&setup).map_err(|e| match e {
+                    imq::Error::RuleFile { .. } => anyhow::anyhow!("{}: {e}", file.display()),
+                    e => e.into(),
+                })?;
+                let (removed, added, kept) = block_diff(&before, &after);
+                for b in &removed {
+                    print!("{}", prefixed(b, "- "));
+                }
+                for b in &added {
+                    print!("{}", prefixed(b, "+ "));
+                }
+                eprintln!(
+                    "dry run: {} block(s) removed, {} added, {kept} unchanged; nothing changed",
+                    removed.len(),
+                    added.len()
+                );
+                return Ok(());
+            }
             if setup.rules.is_empty() && setup.shapers.is_empty() && !allow_empty {
                 let n = imq.show()?.rules.len();
                 if n > 0 {
@@ -650,4 +677,32 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The `[[...]]` blocks of two rule files (as `export` writes them) only in the first,
+/// only in the second, and how many are in both.
+fn block_diff<'a>(before: &'a str, after: &'a str) -> (Vec<&'a str>, Vec<&'a str>, usize) {
+    fn blocks(text: &str) -> Vec<&str> {
+        let mut starts: Vec<usize> = text.match_indices("\n[[").map(|(i, _)| i + 1).collect();
+        starts.push(text.len());
+        starts.windows(2).map(|w| text[w[0]..w[1]].trim_end()).collect()
+    }
+    let (old, new) = (blocks(before), blocks(after));
+    let mut unmatched = new.clone();
+    let mut removed = Vec::new();
+    for b in old {
+        match unmatched.iter().position(|n| *n == b) {
+            Some(i) => {
+                unmatched.remove(i);
+            }
+            None => removed.push(b),
+        }
+    }
+    let kept = new.len() - unmatched.len();
+    (removed, unmatched, kept)
+}
+
+/// `block` with `prefix` before each line.
+fn prefixed(block: &str, prefix: &str) -> String {
+    block.lines().map(|l| format!("{prefix}{l}\n")).collect()
 }
