@@ -293,22 +293,14 @@ fn monitor_capture_is_pcap_that_tcpdump_reads() {
     assert_eq!(&data[..4], &0xa1b2_c3d4u32.to_le_bytes());
     assert_eq!(u32::from_le_bytes(data[16..20].try_into().unwrap()), 60, "snaplen");
     assert_eq!(u32::from_le_bytes(data[20..24].try_into().unwrap()), 1, "Ethernet");
-    let mut records = Vec::new();
-    let mut off = 24;
-    while off + 16 <= data.len() {
-        let word = |i: usize| u32::from_le_bytes(data[off + i..off + i + 4].try_into().unwrap());
-        let (incl, orig) = (word(8) as usize, word(12));
-        records.push((incl, orig, data[off + 16..off + 16 + incl].to_vec()));
-        off += 16 + incl;
-    }
-    assert_eq!(off, data.len(), "records end with the file");
+    let records = pcap_records(&data);
     let udp: Vec<_> = records
         .iter()
         .filter(|(_, _, p)| p.len() >= 38 && p[12..14] == [0x08, 0x00] && p[36..38] == 5300u16.to_be_bytes())
         .collect();
     assert_eq!(udp.len(), 20, "{} records", records.len());
     for (incl, orig, p) in udp {
-        assert_eq!((*incl, *orig), (60, 14 + 20 + 8 + 300));
+        assert_eq!((p.len(), *incl, *orig), (60, 60, 14 + 20 + 8 + 300));
         assert_eq!(p[34..36], sport.to_be_bytes());
         assert_eq!(
             p[30..34],
@@ -363,12 +355,7 @@ fn monitor_captures_whole_packets_of_every_size() {
     assert!(summary.contains(" 0 lost"), "{summary}");
     let data = std::fs::read(&file).unwrap();
     let mut got = Vec::new();
-    let mut off = 24;
-    while off + 16 <= data.len() {
-        let word = |i: usize| u32::from_le_bytes(data[off + i..off + i + 4].try_into().unwrap());
-        let (incl, orig) = (word(8) as usize, word(12) as usize);
-        let p = &data[off + 16..off + 16 + incl];
-        off += 16 + incl;
+    for (incl, orig, p) in pcap_records(&data) {
         if p.len() >= 42 && p[12..14] == [0x08, 0x00] && p[36..38] == 5300u16.to_be_bytes() {
             assert_eq!(incl, orig, "captured whole");
             assert!(
@@ -378,7 +365,6 @@ fn monitor_captures_whole_packets_of_every_size() {
             got.push(incl - 42);
         }
     }
-    assert_eq!(off, data.len(), "records end with the file");
     let want: Vec<usize> = payloads.iter().flat_map(|&n| [n; 3]).collect();
     assert_eq!(got, want, "payload sizes captured, in order");
 }
@@ -401,6 +387,21 @@ fn ring_gone(pid: u32) -> bool {
         thread::sleep(Duration::from_millis(50));
     }
     true
+}
+
+/// The records of a pcap file: (captured length, original length, captured bytes);
+/// they must end with the file.
+fn pcap_records(data: &[u8]) -> Vec<(usize, usize, Vec<u8>)> {
+    let mut records = Vec::new();
+    let mut off = 24;
+    while off + 16 <= data.len() {
+        let word = |i: usize| u32::from_le_bytes(data[off + i..off + i + 4].try_into().unwrap()) as usize;
+        let (incl, orig) = (word(8), word(12));
+        records.push((incl, orig, data[off + 16..off + 16 + incl].to_vec()));
+        off += 16 + incl;
+    }
+    assert_eq!(off, data.len(), "records end with the file");
+    records
 }
 
 struct RemoveOnDrop(std::path::PathBuf);
