@@ -626,9 +626,9 @@ impl Imq {
     /// the kernel can judge (the qdisc lines of `[[device]]` tables, the devices'
     /// state).
     pub fn apply_preview(&mut self, setup: &rulefile::Setup) -> Result<(String, String)> {
-        let (rules, shapers, devices) = self.export_parts()?;
-        let before = rulefile::render(&rules, &shapers, &devices);
         let links = self.nl.links()?;
+        let (rules, shapers, devices) = self.export_parts(&links)?;
+        let before = rulefile::render(&rules, &shapers, &devices);
         let wanted = Self::plan_setup(&links, setup)?;
         let rules = Self::named(&links, wanted);
         // A shaper that leaves its device to imq keeps the one it has.
@@ -647,20 +647,20 @@ impl Imq {
 
     /// Every rule and shaper, in the rule file format of `apply`.
     pub fn export(&mut self) -> Result<String> {
-        let (rules, shapers, devices) = self.export_parts()?;
+        let links = self.nl.links()?;
+        let (rules, shapers, devices) = self.export_parts(&links)?;
         Ok(rulefile::render(&rules, &shapers, &devices))
     }
 
     /// What `export` prints: the rules (but the shapers'), the shapers, the devices.
-    fn export_parts(&mut self) -> Result<ExportParts> {
-        let links = self.nl.links()?;
+    fn export_parts(&mut self, links: &[netlink::Link]) -> Result<ExportParts> {
         let (rules, devices) = match State::open(self.bpffs())? {
             Some(mut state) => (state.rules()?, Self::device_entries(&state)?),
             None => (Vec::new(), Vec::new()),
         };
-        let found = self.find_shapers(&links, &self.all_qdiscs()?, &rules)?;
-        let (base, shapers) = Self::split(&links, &rules, &found);
-        Ok((Self::named(&links, base), shapers, devices))
+        let found = self.find_shapers(links, &self.all_qdiscs()?, &rules)?;
+        let (base, shapers) = Self::split(links, &rules, &found);
+        Ok((Self::named(links, base), shapers, devices))
     }
 
     /// Rules with the names of their interfaces, in the order `export` writes them.

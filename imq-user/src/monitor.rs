@@ -104,7 +104,6 @@ impl Monitor {
         let Map::ArrayOfMaps(slot) = events else {
             return Err(Error::Bpf(format!("{} is not a map-of-maps", imq_common::EVENTS_MAP)));
         };
-        let ring = open_event_ring(&slot)?;
         let mut mon_state: PerCpuArray<MapData, MonitorState> =
             PerCpuArray::try_from(mon_state).map_err(|e| Error::bpf(imq_common::MONITOR_STATE_MAP, e))?;
         let zero = crate::state::zeroed_per_cpu::<MonitorState>(crate::state::possible_cpus()?)?;
@@ -142,7 +141,9 @@ impl Monitor {
             cfg.dev = d.0;
         }
         cfg.flags = flags;
-        // Dropped on an error, the monitor takes its ring buffer out again.
+        // Last of what can fail before the monitor exists, whose drop takes the ring
+        // out again (on an error below too).
+        let ring = open_event_ring(&slot)?;
         let mut monitor = Self {
             config,
             wanted: cfg,

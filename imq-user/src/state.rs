@@ -350,7 +350,7 @@ impl State {
             let _ = cfg.set(0, MonitorConfig::default(), 0);
             // And its ring buffer's memory goes.
             if let Ok(aya::maps::Map::ArrayOfMaps(events)) = self.map_mut(EVENTS_MAP) {
-                let _ = sys::map_delete(events.fd().as_fd(), 0);
+                crate::monitor::close_event_ring(events);
             }
         }
     }
