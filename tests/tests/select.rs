@@ -244,6 +244,10 @@ fn ten_thousand_rules(flow_rule: &str) -> String {
     text
 }
 
+/// Held by the tests that apply tens of thousands of rules, one at a time: the CPU
+/// time of one such apply would disturb the throughput and loss another measures.
+static BULK_APPLY: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// `n` per-host rules on s0 (prio 1..=n, sources 198.19.0.0 up, then 198.18.255.0
 /// up), all to `dev`.
 fn per_host_rules(n: u32, dev: &str) -> String {
@@ -273,6 +277,7 @@ fn per_host_rules(n: u32, dev: &str) -> String {
 #[test]
 fn every_rule_can_be_replaced_at_once() {
     require_root();
+    let _bulk = BULK_APPLY.lock().unwrap_or_else(|e| e.into_inner());
     let pair = Pair::new("cap").unwrap();
     let s = &pair.server;
     let count = |dev: &str| {
@@ -310,6 +315,7 @@ fn tcp_unshaped(pair: &Pair, port: u16) -> f64 {
 #[test]
 fn apply_of_ten_thousand_rules_while_a_flow_runs() {
     require_root();
+    let _bulk = BULK_APPLY.lock().unwrap_or_else(|e| e.into_inner());
     let pair = Pair::new("app").unwrap();
     let s = &pair.server;
     let server = pair.server_v4();
