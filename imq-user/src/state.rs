@@ -180,6 +180,32 @@ fn is_not_found(e: &aya::maps::MapError) -> bool {
     }
 }
 
+/// Runs a map update, again after a short pause while the kernel answers ENOMEM, for
+/// up to about 100 ms. imq's hash maps are not preallocated: each element comes from a
+/// cache the kernel refills in the background (bpf_mem_alloc; a per-CPU value from
+/// percpu pages that only a worker populates), so thousands of updates in a row can
+/// find it empty for a moment. Seen: "create counters" failing in an apply of 33,000
+/// rules, in about one run in four right after a build (errno not recorded then).
+/// A map that is really out of memory still fails, with the errno in the message.
+fn update_retrying(what: &str, mut update: impl FnMut() -> std::result::Result<(), aya::maps::MapError>) -> Result<()> {
+    let mut tries = 0;
+    loop {
+        match update() {
+            Ok(()) => return Ok(()),
+            Err(aya::maps::MapError::SyscallError(s))
+                if s.io_error.raw_os_error() == Some(libc::ENOMEM) && tries < 100 =>
+            {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            Err(aya::maps::MapError::SyscallError(s)) => {
+                return Err(Error::Bpf(format!("{what}: {}: {}", s.call, s.io_error)));
+            }
+            Err(e) => return Err(Error::bpf(what, e)),
+        }
+    }
+}
+
 /// A program the kernel refused, in one line: the errno and the verifier's last word
 /// (its whole log is many lines), and what imq needs.
 fn load_error(name: &str, e: aya::programs::ProgramError) -> Error {
@@ -492,16 +518,22 @@ impl State {
         let cpus = possible_cpus()?;
         let mut counters = self.counters_map()?;
         for id in created {
-            let zero = zeroed_per_cpu::<Counters>(cpus)?;
-            counters
-                .insert(id, zero, 0)
-                .map_err(|e| Error::bpf("create counters", e))?;
+            // A fresh value for each try: insert takes it, and it is not Clone.
+            update_retrying("create counters", || {
+                let zero = PerCpuValues::try_from(vec![Counters::default(); cpus]).map_err(|io_error| {
+                    aya::sys::SyscallError {
+                        call: "per-CPU values",
+                        io_error,
+                    }
+                })?;
+                counters.insert(id, zero, 0)
+            })?;
         }
         let mut rules = self.rules_map()?;
         for (id, rule) in new {
-            rules
-                .insert(RuleKey { id: *id, generation }, rule.to_spec(), 0)
-                .map_err(|e| Error::bpf("write rule", e))?;
+            update_retrying("write rule", || {
+                rules.insert(RuleKey { id: *id, generation }, rule.to_spec(), 0)
+            })?;
         }
         let with_generation = |mut k: HookKey| {
             k.generation = generation as u16;
@@ -509,9 +541,7 @@ impl State {
         };
         let mut hooks = self.hooks_map()?;
         for (key, hook) in &compiled.hooks {
-            hooks
-                .insert(with_generation(*key), hook, 0)
-                .map_err(|e| Error::bpf("write hook", e))?;
+            update_retrying("write hook", || hooks.insert(with_generation(*key), hook, 0))?;
         }
         let mut entries = self.entries_map()?;
         for (key, target) in &compiled.entries {
@@ -519,9 +549,7 @@ impl State {
                 hook: with_generation(key.hook),
                 ..*key
             };
-            entries
-                .insert(key, target, 0)
-                .map_err(|e| Error::bpf("write rule entry", e))?;
+            update_retrying("write rule entry", || entries.insert(key, target, 0))?;
         }
         Ok(())
     }
