@@ -116,7 +116,19 @@ impl Error {
         }
     }
 
-    pub(crate) fn bpf(context: &str, err: impl std::fmt::Display) -> Self {
-        Self::Bpf(format!("{context}: {err}"))
+    /// `err` with its causes on one line: aya's errors keep the failed syscall's
+    /// errno in a source, and some already print their source themselves.
+    pub(crate) fn bpf(context: &str, err: impl std::error::Error) -> Self {
+        let mut line = format!("{context}: {err}");
+        let mut cause = err.source();
+        while let Some(c) = cause {
+            let text = c.to_string();
+            if !line.contains(&text) {
+                line.push_str(": ");
+                line.push_str(&text);
+            }
+            cause = c.source();
+        }
+        Self::Bpf(line)
     }
 }

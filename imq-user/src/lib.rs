@@ -191,6 +191,9 @@ pub struct Imq {
     leave_down: bool,
     /// The bpffs directory, held open by [`Imq::hold_bpffs`].
     held: Option<std::fs::File>,
+    /// What failed after a change had landed: reported, not undone
+    /// ([`Imq::take_warnings`]).
+    warnings: std::cell::RefCell<Vec<String>>,
 }
 
 /// What a hook needs in the kernel for its rules to see packets.
@@ -254,7 +257,16 @@ impl Imq {
             tcx: sys::has_tcx(),
             leave_down: false,
             held: None,
+            warnings: Default::default(),
         })
+    }
+
+    /// What failed after the last changes had landed, a line each, and forgets it.
+    /// Such a step (taking a hook down that no rule uses any more) cannot be undone
+    /// with the change, which stands; a hook left behind without rules passes every
+    /// packet, and the next command that touches it tries again.
+    pub fn take_warnings(&self) -> Vec<String> {
+        self.warnings.take()
     }
 
     /// Starts reporting what the data path decides (`imqctl monitor`).
@@ -395,8 +407,24 @@ impl Imq {
             }
             return Err(e);
         }
+        // The new rules are in force: what follows is tidying, and a failure of it
+        // must not make a caller undo what the rules now use (their devices).
         for &need in before.difference(&after) {
-            self.lower(state, need, exists(need.ifindex()))?;
+            if let Err(e) = self.lower(state, need, exists(need.ifindex())) {
+                let name = links
+                    .iter()
+                    .find(|l| l.index == need.ifindex())
+                    .map_or_else(|| format!("ifindex {}", need.ifindex()), |l| l.name.clone());
+                let hook = match need {
+                    Need::Tcx(_) => format!("the ingress hook of {name}"),
+                    Need::Filter { direction, dev, .. } => {
+                        format!("the {} filter of {name} for {dev}", direction.as_str())
+                    }
+                };
+                self.warnings.borrow_mut().push(format!(
+                    "rules changed, but {hook} (no rules left) was not removed: {e}"
+                ));
+            }
         }
         Ok(())
     }

@@ -119,3 +119,119 @@ fn the_admins_ingress_or_clsact_qdisc_and_filters_stay_intact() {
         assert_unshaped(goodput(c, s, &server, 5301), &format!("{qdisc}: imq's port, after"));
     }
 }
+
+/// The namespace's SO_NETNS_COOKIE, which names its imq state directory on kernels
+/// that have it (5.14 and later).
+fn netns_cookie(ns: &imq_tests::NetNs) -> u64 {
+    ns.spawn(|| {
+        let sock = std::net::UdpSocket::bind("127.0.0.1:0")?;
+        let mut cookie = 0u64;
+        let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+        use std::os::fd::AsRawFd as _;
+        // SAFETY: getsockopt into a u64 of the length given.
+        let rc = unsafe {
+            libc::getsockopt(
+                sock.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_NETNS_COOKIE,
+                (&raw mut cookie).cast(),
+                &raw mut len,
+            )
+        };
+        anyhow::ensure!(rc == 0, "SO_NETNS_COOKIE: {}", std::io::Error::last_os_error());
+        Ok(cookie)
+    })
+    .join()
+    .unwrap()
+    .unwrap()
+}
+
+/// Removes a directory on drop: the test's obstacle must not outlive a failure, or
+/// the namespace's `imqctl flush` could not remove its state.
+struct RemoveDir(std::path::PathBuf);
+
+impl Drop for RemoveDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+/// A step that fails after a change landed does not undo what the new rules use.
+/// `apply` moves the rules from s0 to a second link s1 and a new device imq1; taking
+/// s0's now unused ingress hook down fails (its pin is made a directory, where
+/// imqctl cannot open a link). The apply stands: exit 0, one warning naming the
+/// hook, imq1 kept, and traffic over s1 shaped by imq1's TBF. Before the fix, the
+/// apply reported failure and deleted imq1, which the committed rules sent to.
+///
+/// Only a TCX link has a pin to spoil; on kernels without TCX the same move is
+/// checked without the fault (no warning, the old filter gone, the new one shaping).
+#[test]
+fn a_failure_after_the_rules_changed_keeps_what_they_use() {
+    require_root();
+    let pair = Pair::new("aftercommit").unwrap();
+    let (c, s) = (&pair.client, &pair.server);
+    c.veth("c1", s, "s1").unwrap();
+    let net = pair.id % 250;
+    for (ns, dev, host) in [(c, "c1", 1), (s, "s1", 2)] {
+        ns.ip(&["addr", "add", &format!("198.19.{net}.{host}/24"), "dev", dev])
+            .unwrap();
+        ns.ip(&["link", "set", dev, "up"]).unwrap();
+    }
+    let s1_addr = format!("198.19.{net}.2");
+    s.imqctl_ok(&["attach", "s0", "--dev", "imq0"]);
+
+    let tcx = kernel_has_tcx();
+    let _obstacle = if tcx {
+        let ifindex = s.ip(&["-j", "link", "show", "s0"]).unwrap();
+        let ifindex = serde_json::from_str::<Value>(&ifindex).unwrap()[0]["ifindex"]
+            .as_u64()
+            .unwrap();
+        let pin = std::path::PathBuf::from(format!(
+            "/sys/fs/bpf/imq/net-{}/link_ingress_{ifindex}",
+            netns_cookie(s)
+        ));
+        assert!(pin.exists(), "no TCX link pin at {}", pin.display());
+        // Unpinning detaches the link; the directory is where imqctl expects it.
+        std::fs::remove_file(&pin).unwrap();
+        std::fs::create_dir(&pin).unwrap();
+        Some(RemoveDir(pin))
+    } else {
+        None
+    };
+
+    let r = s.imqctl_apply("[[rule]]\ninterface = \"s1\"\ndev = \"imq1\"\n");
+    eprintln!("{}", r.stderr.trim());
+    assert_eq!(r.code, 0, "the apply stands: {}", r.stderr);
+    let warnings: Vec<&str> = r
+        .stderr
+        .lines()
+        .filter(|l| l.starts_with("imqctl: warning: "))
+        .collect();
+    if tcx {
+        assert_eq!(warnings.len(), 1, "one warning: {}", r.stderr);
+        assert!(
+            warnings[0].contains("the ingress hook of s0") && warnings[0].contains("was not removed"),
+            "{}",
+            r.stderr
+        );
+    } else {
+        assert!(warnings.is_empty(), "{}", r.stderr);
+        assert!(
+            !ingress_filters(s, "s0").iter().any(|f| f["kind"] == "bpf"),
+            "imq's filter on s0 is left behind"
+        );
+    }
+    let status = show(s);
+    let now: Vec<&str> = rules(&status)
+        .iter()
+        .map(|r| r["interface"].as_str().unwrap())
+        .collect();
+    assert_eq!(now, ["s1"], "{status}");
+    assert!(
+        s.ip(&["link", "show", "imq1"]).is_ok(),
+        "imq1 was deleted under its rule"
+    );
+    tbf(s, "imq1", 10);
+    assert_rate(goodput(c, s, &s1_addr, 5201), 9.6, 0.15, "s1 through imq1");
+    assert_unshaped(goodput(c, s, &pair.server_v4(), 5202), "s0, no rule left");
+}

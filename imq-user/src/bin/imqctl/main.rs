@@ -331,7 +331,15 @@ fn one_line(err: &clap::Error) -> String {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     let mut imq = Imq::new(Options { bpffs: cli.bpffs })?;
-    match cli.command {
+    let result = command(&mut imq, cli.command);
+    for w in imq.take_warnings() {
+        eprintln!("imqctl: warning: {w}");
+    }
+    result
+}
+
+fn command(imq: &mut Imq, command: Command) -> anyhow::Result<()> {
+    match command {
         Command::Attach {
             interface,
             direction,
@@ -417,7 +425,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             eprintln!("applied {applied}");
         }
         Command::Export => print!("{}", imq.export()?),
-        Command::Watch { file, metrics } => watch(&mut imq, file, metrics)?,
+        Command::Watch { file, metrics } => watch(imq, file, metrics)?,
         Command::Monitor {
             interface,
             direction,
@@ -611,6 +619,9 @@ fn watch(imq: &mut Imq, file: PathBuf, metrics: Option<std::net::SocketAddr>) ->
     let mut pass = |w: &mut Watch, log: &mut dyn FnMut(String)| {
         if let Err(e) = w.sync(imq, log) {
             log(format!("error: {e}"));
+        }
+        for warning in imq.take_warnings() {
+            log(format!("warning: {warning}"));
         }
     };
     log(format!("watching {} (pid {})", file.display(), std::process::id()));
