@@ -467,7 +467,7 @@ fn command(imq: &mut Imq, command: Command) -> anyhow::Result<()> {
                     Output::Pcap(PcapWriter::new(std::io::BufWriter::new(out), snaplen)?)
                 }
             };
-            monitor(&imq, &req, output, count, duration)?;
+            monitor(imq, &req, output, count, duration)?;
         }
         Command::Show { json, format } => {
             let status = imq.show()?;
