@@ -58,6 +58,7 @@ pub const COUNTERS_MAP: &str = "imq_counters";
 pub const MONITOR_MAP: &str = "imq_monitor";
 pub const MONITOR_STATE_MAP: &str = "imq_monitor_state";
 pub const EVENTS_MAP: &str = "imq_events";
+pub const GONE_MAP: &str = "imq_gone";
 
 /// Program names in the ELF.
 pub const INGRESS_PROG: &str = "imq_ingress";

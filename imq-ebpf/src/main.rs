@@ -95,6 +95,15 @@ static SCRATCH: PerCpuArray<MonitorEvent> = PerCpuArray::with_max_entries(1, 0);
 static EVENTS: ArrayOfMaps<EventRing, 1> = ArrayOfMaps::new();
 type EventRing = RingBuf<u8, { MONITOR_RING_BYTES as usize }>;
 
+/// Index 0 becomes 1 when the namespace this instance serves is torn down (its
+/// loopback device unregisters, which happens only then): the next imqctl, in any
+/// namespace, removes the pins of a namespace that is gone.
+#[map(name = "imq_gone")]
+static GONE: Array<u32> = Array::with_max_entries(1, 0);
+
+/// The loopback device's ifindex in every namespace (LOOPBACK_IFINDEX).
+const LOOPBACK_IFINDEX: u32 = 1;
+
 /// TCX verdict "not mine": the next TCX program, then classic tc filters, still run.
 const TCX_NEXT: i32 = TC_ACT_UNSPEC;
 /// cls_bpf (classic mode) verdicts: match with the filter's own classid, or no match.
@@ -708,6 +717,8 @@ static NETDEV_UP: u64 = 0;
 static NETDEV_GOING_DOWN: u64 = 0;
 #[unsafe(no_mangle)]
 static NETDEV_DOWN: u64 = 0;
+#[unsafe(no_mangle)]
+static NETDEV_UNREGISTER: u64 = 0;
 
 /// Every netdevice notifier event of the kernel goes through this vmlinux function,
 /// whatever the driver and whether or not it is a module (ifb usually is, and a
@@ -718,19 +729,22 @@ static NETDEV_DOWN: u64 = 0;
 #[fentry(function = "call_netdevice_notifiers_info")]
 pub fn imq_netdev_event(ctx: FEntryContext) -> u32 {
     // SAFETY: constants are read as the loader left them.
-    let (up, going_down, down, off_info_dev) = unsafe {
+    let (up, going_down, down, unregister, off_info_dev) = unsafe {
         (
             core::ptr::read_volatile(&NETDEV_UP),
             core::ptr::read_volatile(&NETDEV_GOING_DOWN),
             core::ptr::read_volatile(&NETDEV_DOWN),
+            core::ptr::read_volatile(&NETDEV_UNREGISTER),
             core::ptr::read_volatile(&OFFSET_INFO_DEV) as usize,
         )
     };
     let event: u64 = ctx.arg(0);
-    let is_up = if event == up {
-        true
+    let change = if event == up {
+        Change::Up
     } else if event == going_down || event == down {
-        false
+        Change::Down
+    } else if event == unregister && unregister != 0 {
+        Change::Unregister
     } else {
         return 0;
     };
@@ -738,13 +752,20 @@ pub fn imq_netdev_event(ctx: FEntryContext) -> u32 {
     // SAFETY: bpf_probe_read_kernel checks the address; info is the hooked function's
     // struct netdev_notifier_info *.
     if let Ok(dev) = unsafe { bpf_probe_read_kernel(info.add(off_info_dev).cast::<*const u8>()) } {
-        track_device(dev, is_up);
+        track_device(dev, change);
     }
     0
 }
 
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Change {
+    Up,
+    Down,
+    Unregister,
+}
+
 #[inline(always)]
-fn track_device(dev: *const u8, up: bool) {
+fn track_device(dev: *const u8, change: Change) {
     // SAFETY: constants are read as the loader left them.
     let (id, mask, off_id, off_ifindex, off_net) = unsafe {
         (
@@ -772,6 +793,16 @@ fn track_device(dev: *const u8, up: bool) {
     if dev_id != id {
         return;
     }
+    if change == Change::Unregister {
+        if ifindex == LOOPBACK_IFINDEX
+            && let Some(gone) = GONE.get_ptr_mut(0)
+        {
+            // SAFETY: array element.
+            unsafe { *gone = 1 };
+        }
+        return;
+    }
+    let up = change == Change::Up;
     // Device up/down is rare: a scan of the device table is fine here and keeps the
     // per-packet path to the one lookup it already makes.
     for n in 0..MAX_DEVICES {

@@ -6,7 +6,7 @@
 //!                                   net-inode-<n> on kernels without it)
 //!     layout-4                              the layout of what is below
 //!     imq_rules imq_active imq_hooks imq_entries imq_devices imq_ifindexes
-//!     imq_counters imq_monitor imq_monitor_state imq_events
+//!     imq_counters imq_monitor imq_monitor_state imq_events imq_gone
 //!                                           maps (see imq-common)
 //!     device_setups                         [[device]] qdisc setups (on first use)
 //!     prog_ingress prog_ingress_cls prog_egress
@@ -33,8 +33,8 @@ use aya::{
 };
 use imq_common::{
     ACTIVE_MAP, COUNTERS_MAP, Counters, DEVICE_DOWN, DEVICES_MAP, Device, EGRESS_PROG, ENTRIES_MAP, EVENTS_MAP,
-    EntryKey, HOOKS_MAP, Hook, HookKey, IFINDEXES_MAP, INGRESS_CLS_PROG, INGRESS_PROG, MONITOR_MAP, MONITOR_STATE_MAP,
-    MonitorConfig, NETDEV_EVENT_PROG, RULES_MAP, RuleKey, RuleSpec, Target,
+    EntryKey, GONE_MAP, HOOKS_MAP, Hook, HookKey, IFINDEXES_MAP, INGRESS_CLS_PROG, INGRESS_PROG, MONITOR_MAP,
+    MONITOR_STATE_MAP, MonitorConfig, NETDEV_EVENT_PROG, RULES_MAP, RuleKey, RuleSpec, Target,
 };
 
 use crate::{
@@ -97,6 +97,7 @@ struct HookConstants {
     up: u64,
     going_down: u64,
     down: u64,
+    unregister: u64,
 }
 
 impl HookConstants {
@@ -117,6 +118,7 @@ impl HookConstants {
             up: event("NETDEV_UP")?,
             going_down: event("NETDEV_GOING_DOWN")?,
             down: event("NETDEV_DOWN")?,
+            unregister: event("NETDEV_UNREGISTER")?,
         })
     }
 }
@@ -235,6 +237,35 @@ pub(crate) fn zeroed_per_cpu<T: aya::Pod + Default + Clone>(cpus: usize) -> Resu
     PerCpuValues::try_from(vec![T::default(); cpus]).map_err(|e| Error::io("per-CPU values", e))
 }
 
+/// Removes the state of every namespace whose device hook saw it torn down
+/// ([`GONE_MAP`]): its pins held its maps, programs and links (the device hook among
+/// them, which otherwise runs on every device event of the host) for good. The caller
+/// holds the host-wide lock. Best effort and silent: a directory that cannot be read
+/// or removed now is tried again by the next command. State without the device hook
+/// (made before it existed, or where tracing programs are refused) is never judged
+/// gone: `imqctl flush` in the namespace, or `rm -r` once it is gone, removes it.
+pub(crate) fn reclaim_gone(root: &Path) {
+    let Ok(entries) = fs::read_dir(root) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let dir = entry.path();
+        if !entry.file_name().to_string_lossy().starts_with("net-") || !entry.file_type().is_ok_and(|t| t.is_dir()) {
+            continue;
+        }
+        let gone = MapData::from_pin(dir.join(GONE_MAP))
+            .ok()
+            .and_then(|m| Array::<_, u32>::try_from(aya::maps::Map::Array(m)).ok())
+            .and_then(|a| a.get(&0, 0).ok())
+            == Some(1);
+        // Unpinning is all it takes: the namespace's devices, filters and TCX links
+        // went with it, and what the pins held is freed with its last reference.
+        if gone {
+            let _ = fs::remove_dir_all(&dir);
+        }
+    }
+}
+
 /// Creates `dir` for root alone (mode 0700), if missing.
 fn ensure_dir(dir: &Path) -> Result<()> {
     use std::os::unix::fs::DirBuilderExt as _;
@@ -291,6 +322,7 @@ impl State {
         ensure_dir(&root)?;
         sys::check_trusted_dir(&root)?;
         let lock = sys::Lock::exclusive(&root)?;
+        reclaim_gone(&root);
         Ok(Locked {
             dir: root.join(sys::netns_id()?.dir_name()),
             lock,
@@ -314,6 +346,7 @@ impl State {
             MONITOR_MAP,
             MONITOR_STATE_MAP,
             EVENTS_MAP,
+            GONE_MAP,
         ]
         .into_iter()
         .map(|m| (m, dir.join(m)))
@@ -340,7 +373,8 @@ impl State {
                 .override_global("OFFSET_INFO_DEV", &c.info_dev, true)
                 .override_global("NETDEV_UP", &c.up, true)
                 .override_global("NETDEV_GOING_DOWN", &c.going_down, true)
-                .override_global("NETDEV_DOWN", &c.down, true);
+                .override_global("NETDEV_DOWN", &c.down, true)
+                .override_global("NETDEV_UNREGISTER", &c.unregister, true);
         }
         let ebpf = loader
             .load(crate::EBPF_OBJECT)

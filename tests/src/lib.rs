@@ -150,6 +150,46 @@ impl Drop for NetNs {
     }
 }
 
+impl NetNs {
+    /// Where imqctl keeps this namespace's pinned state on the host's bpffs:
+    /// `net-<SO_NETNS_COOKIE>`, or `net-inode-<inode>` on kernels without cookies
+    /// (before 5.14). Worked out here, not asked of imqctl.
+    pub fn imq_state_dir(&self) -> PathBuf {
+        let path = format!("/run/netns/{}", self.name);
+        let cookie = self
+            .spawn(|| {
+                let sock = std::net::UdpSocket::bind("127.0.0.1:0")?;
+                let mut cookie = 0u64;
+                let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+                // SAFETY: getsockopt into a u64 of the length given.
+                let rc = unsafe {
+                    libc::getsockopt(
+                        sock.as_raw_fd(),
+                        libc::SOL_SOCKET,
+                        libc::SO_NETNS_COOKIE,
+                        (&raw mut cookie).cast(),
+                        &raw mut len,
+                    )
+                };
+                Ok((rc == 0).then_some(cookie))
+            })
+            .join()
+            .expect("cookie thread")
+            .expect("enter the namespace");
+        let name = match cookie {
+            Some(c) => format!("net-{c}"),
+            None => {
+                use std::os::unix::fs::MetadataExt as _;
+                format!(
+                    "net-inode-{}",
+                    std::fs::metadata(&path).expect("stat the namespace").ino()
+                )
+            }
+        };
+        PathBuf::from("/sys/fs/bpf/imq").join(name)
+    }
+}
+
 /// Two namespaces joined by a veth pair:
 /// `client` (veth `c0`, 198.18.N.1, 2001:db8:N::1) — `server` (veth `s0`, .2, ::2).
 pub struct Pair {

@@ -120,32 +120,6 @@ fn the_admins_ingress_or_clsact_qdisc_and_filters_stay_intact() {
     }
 }
 
-/// The namespace's SO_NETNS_COOKIE, which names its imq state directory on kernels
-/// that have it (5.14 and later).
-fn netns_cookie(ns: &imq_tests::NetNs) -> u64 {
-    ns.spawn(|| {
-        let sock = std::net::UdpSocket::bind("127.0.0.1:0")?;
-        let mut cookie = 0u64;
-        let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-        use std::os::fd::AsRawFd as _;
-        // SAFETY: getsockopt into a u64 of the length given.
-        let rc = unsafe {
-            libc::getsockopt(
-                sock.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_NETNS_COOKIE,
-                (&raw mut cookie).cast(),
-                &raw mut len,
-            )
-        };
-        anyhow::ensure!(rc == 0, "SO_NETNS_COOKIE: {}", std::io::Error::last_os_error());
-        Ok(cookie)
-    })
-    .join()
-    .unwrap()
-    .unwrap()
-}
-
 /// Removes a directory on drop: the test's obstacle must not outlive a failure, or
 /// the namespace's `imqctl flush` could not remove its state.
 struct RemoveDir(std::path::PathBuf);
@@ -186,10 +160,7 @@ fn a_failure_after_the_rules_changed_keeps_what_they_use() {
         let ifindex = serde_json::from_str::<Value>(&ifindex).unwrap()[0]["ifindex"]
             .as_u64()
             .unwrap();
-        let pin = std::path::PathBuf::from(format!(
-            "/sys/fs/bpf/imq/net-{}/link_ingress_{ifindex}",
-            netns_cookie(s)
-        ));
+        let pin = s.imq_state_dir().join(format!("link_ingress_{ifindex}"));
         assert!(pin.exists(), "no TCX link pin at {}", pin.display());
         // Unpinning detaches the link; the directory is where imqctl expects it.
         std::fs::remove_file(&pin).unwrap();
