@@ -83,6 +83,26 @@ impl Prog {
 const LINK_NETDEV_EVENT: &str = "link_netdev_event";
 /// A directory that names the layout of the pinned maps (bpffs holds no regular files).
 const LAYOUT: &str = "layout-4";
+/// A directory `programs-<hash of the eBPF object>` names the build whose programs
+/// run here: a newer imqctl replaces them in place ([`State::replace_programs`]).
+const PROGRAMS_PREFIX: &str = "programs-";
+
+fn programs_marker() -> String {
+    // FNV-1a: a fingerprint of the object, not a defence against anyone.
+    let hash = crate::EBPF_OBJECT.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    format!("{PROGRAMS_PREFIX}{hash:016x}")
+}
+
+/// Whether programs were loaded into this state (they are, on first use).
+fn has_programs(dir: &Path) -> bool {
+    [Prog::IngressTcx, Prog::IngressClassic, Prog::Egress]
+        .iter()
+        .any(|p| dir.join(p.names().1).exists())
+        || dir.join(LINK_NETDEV_EVENT).exists()
+}
+
 /// A directory whose presence says the device hooks could not be loaded here.
 const NO_DEVICE_HOOKS: &str = "no_device_hooks";
 
@@ -358,7 +378,11 @@ impl State {
         }
         // The device hooks are loaded once per namespace, with its cookie and the
         // running kernel's struct offsets as constants.
-        let hooks = if dir.join(LINK_NETDEV_EVENT).exists() || dir.join(NO_DEVICE_HOOKS).exists() {
+        // Programs of another imq build are replaced by this one's (same maps: the
+        // layout says they are read alike).
+        let stale = has_programs(&dir) && !dir.join(programs_marker()).is_dir();
+        let hook_pinned = dir.join(LINK_NETDEV_EVENT).exists();
+        let hooks = if (hook_pinned && !stale) || dir.join(NO_DEVICE_HOOKS).exists() {
             None
         } else {
             HookConstants::read()
@@ -381,7 +405,13 @@ impl State {
             .map_err(|e| Error::bpf("load imq object", e))?;
         let mut state = Self { dir, ebpf, _lock: lock };
         state.clear_dead_monitor();
-        if hooks.is_some() {
+        if stale {
+            state
+                .replace_programs(hook_pinned && hooks.is_some())
+                .map_err(|e| Error::Bpf(format!("replace the programs of an older imq build: {e}")))?;
+        }
+        ensure_dir(&state.dir.join(programs_marker()))?;
+        if hooks.is_some() && !hook_pinned {
             // Best effort: without these hooks a device that is down still drops what
             // is sent to it, but everything else works.
             if state.attach_device_hooks().is_err() {
@@ -391,6 +421,83 @@ impl State {
             }
         }
         Ok(state)
+    }
+
+    /// Puts this build's programs where another build's run, each switch atomic to a
+    /// packet: the pinned TC programs, the TCX links (BPF_LINK_UPDATE), imq's cls_bpf
+    /// filters (replaced in place, NLM_F_REPLACE) and the device hook (the new one is
+    /// attached before the old one goes). The maps stay, with every rule, counter and
+    /// device. A failure leaves the build marker unset, so the next command carries on.
+    fn replace_programs(&mut self, device_hook: bool) -> Result<()> {
+        for which in [Prog::IngressTcx, Prog::IngressClassic, Prog::Egress] {
+            let (name, pin) = which.names();
+            let pin = self.dir.join(pin);
+            if !pin.exists() {
+                continue;
+            }
+            let prog: &mut SchedClassifier = self
+                .ebpf
+                .program_mut(name)
+                .ok_or_else(|| Error::Bpf(format!("program {name} missing from the object")))?
+                .try_into()
+                .map_err(|e| Error::bpf("program type", e))?;
+            prog.load().map_err(|e| load_error(name, e))?;
+            // bpffs refuses names with a dot.
+            let fresh = self.dir.join(format!("{}_new", which.names().1));
+            let _ = fs::remove_file(&fresh);
+            prog.pin(&fresh).map_err(|e| Error::bpf(&format!("pin {name}"), e))?;
+            fs::rename(&fresh, &pin).map_err(|e| Error::io(format!("replace {}", pin.display()), e))?;
+        }
+        // TCX links.
+        let entries = fs::read_dir(&self.dir).map_err(|e| Error::io("read state directory", e))?;
+        let prefix = format!("{LINK_PREFIX}{}_", Direction::Ingress);
+        let links: Vec<PathBuf> = entries
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+            .map(|e| e.path())
+            .collect();
+        if !links.is_empty() {
+            let prog = self.program(Prog::IngressTcx)?;
+            let prog_fd = prog.fd().map_err(|e| Error::bpf("program fd", e))?;
+            for path in links {
+                let link = sys::obj_get(&path).map_err(|e| Error::io(format!("open {}", path.display()), e))?;
+                sys::link_update(link.as_fd(), prog_fd.as_fd())
+                    .map_err(|e| Error::io(format!("update {}", path.display()), e))?;
+            }
+        }
+        // imq's classic filters, on every interface of the namespace.
+        let nl = crate::netlink::Netlink::new()?;
+        for link in nl.links()? {
+            for filter in nl.filters(link.index)? {
+                let dev_ifindex = self.device(filter.dev)?.ifindex;
+                if dev_ifindex == 0 {
+                    continue;
+                }
+                let prog = self.program(Prog::classic(filter.direction))?;
+                let fd = prog.fd().map_err(|e| Error::bpf("program fd", e))?;
+                let fd = std::os::fd::AsRawFd::as_raw_fd(&fd.as_fd()) as u32;
+                nl.replace_filter(link.index, filter, fd, dev_ifindex)?;
+            }
+        }
+        if device_hook {
+            // The old hook and the new one set the same flags, so both may run for a
+            // moment.
+            let fresh = self.dir.join(format!("{LINK_NETDEV_EVENT}_new"));
+            let _ = fs::remove_file(&fresh);
+            self.attach_device_hooks_at(&fresh)?;
+            let pin = self.dir.join(LINK_NETDEV_EVENT);
+            fs::rename(&fresh, &pin).map_err(|e| Error::io(format!("replace {}", pin.display()), e))?;
+        }
+        for entry in fs::read_dir(&self.dir)
+            .map_err(|e| Error::io("read state directory", e))?
+            .flatten()
+        {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with(PROGRAMS_PREFIX) && name != programs_marker() {
+                let _ = fs::remove_dir(entry.path());
+            }
+        }
+        Ok(())
     }
 
     /// Turns the monitor flag off when the monitor that set it is gone (killed before it
@@ -425,6 +532,11 @@ impl State {
     /// An fentry program on call_netdevice_notifiers_info keeps the down-device flags
     /// of the device table current.
     fn attach_device_hooks(&mut self) -> Result<()> {
+        let pin = self.dir.join(LINK_NETDEV_EVENT);
+        self.attach_device_hooks_at(&pin)
+    }
+
+    fn attach_device_hooks_at(&mut self, pin: &Path) -> Result<()> {
         let btf = aya::Btf::from_sys_fs().map_err(|e| Error::bpf("kernel BTF", e))?;
         let function = "call_netdevice_notifiers_info";
         let prog: &mut FEntry = self
@@ -439,8 +551,7 @@ impl State {
             .attach()
             .map_err(|e| Error::bpf(&format!("attach to {function}"), e))?;
         let link: FdLink = prog.take_link(id).map_err(|e| Error::bpf("take link", e))?.into();
-        link.pin(self.dir.join(LINK_NETDEV_EVENT))
-            .map_err(|e| Error::bpf("pin link", e))?;
+        link.pin(pin).map_err(|e| Error::bpf("pin link", e))?;
         Ok(())
     }
 

@@ -342,7 +342,28 @@ pub fn map_delete(map: BorrowedFd<'_>, key: u32) -> io::Result<()> {
     }
 }
 
+/// Opens the BPF object pinned at `path`.
+pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
+    let path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // BPF_OBJ_GET: pathname (pointer), bpf_fd, file_flags.
+    let mut attr = [0u64; 16];
+    attr[0] = path.as_ptr() as u64;
+    bpf_new_fd(BPF_OBJ_GET, &mut attr)
+}
+
+/// Points the BPF link `link` at program `prog`, atomically: each run of the hook
+/// runs the old program or the new one.
+pub fn link_update(link: BorrowedFd<'_>, prog: BorrowedFd<'_>) -> io::Result<()> {
+    // BPF_LINK_UPDATE: link_fd, new_prog_fd, flags, old_prog_fd (u32 each).
+    let mut attr = [0u64; 16];
+    attr[0] = u64::from(link.as_raw_fd() as u32) | (u64::from(prog.as_raw_fd() as u32) << 32);
+    bpf(BPF_LINK_UPDATE, &mut attr).map(drop)
+}
+
 const BPF_MAP_CREATE: libc::c_long = 0;
+const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_LINK_UPDATE: libc::c_long = 29;
 const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
 const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
 
