@@ -13,6 +13,7 @@
 //!                                           the TC programs (each once used)
 //!     link_ingress_<ifindex>                TCX link of one interface
 //!     link_netdev_event                     the device hook, where tracing works
+//!     programs-<hash>                       the build whose programs these are
 //! ```
 
 use std::{
