@@ -6,11 +6,11 @@ use crate::rule::{Direction, Selector};
 /// act on; `imqctl` prints it as is.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("invalid mark '{input}': {reason}")]
+    #[error("invalid mark '{}': {reason}", shown(input))]
     InvalidMark { input: String, reason: &'static str },
-    #[error("invalid imq device name '{0}': imq devices are named imq0 .. imq255")]
+    #[error("invalid imq device name '{}': imq devices are named imq0 .. imq255", shown(.0))]
     InvalidDevName(String),
-    #[error("invalid {what} '{input}': {reason}")]
+    #[error("invalid {what} '{}': {reason}", shown(input))]
     Invalid {
         what: &'static str,
         input: String,
@@ -18,11 +18,11 @@ pub enum Error {
     },
     #[error("impossible match: {0}")]
     BadMatch(String),
-    #[error("invalid direction '{0}': expected ingress, egress or both")]
+    #[error("invalid direction '{}': expected ingress, egress or both", shown(.0))]
     InvalidDirection(String),
     #[error("invalid txqueuelen {0}: use 1000 or more, ifb's default of 32 drops bursts")]
     InvalidTxQueueLen(u32),
-    #[error("no interface '{0}' in this network namespace")]
+    #[error("no interface '{}' in this network namespace", shown(.0))]
     NoSuchInterface(String),
     #[error("{0} is an imq device: attach the interfaces whose traffic it should shape")]
     ImqAsInterface(String),
@@ -65,7 +65,7 @@ pub enum Error {
     },
     #[error("imq state in {0} has an older layout: flush it with the imqctl that made it, or remove the directory")]
     OldLayout(PathBuf),
-    #[error("line {line}: {message}")]
+    #[error("line {line}: {}", shown(message))]
     RuleFile { line: usize, message: String },
     #[error("no imq device {0} in this network namespace")]
     NoSuchDevice(String),
@@ -107,6 +107,21 @@ pub enum Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What the user gave, for an error message that stays one line: control characters
+/// (a newline in a rule file string, say) are escaped as Rust writes them.
+fn shown(input: &str) -> String {
+    input
+        .chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
 
 impl Error {
     pub(crate) fn io(context: impl Into<String>, source: io::Error) -> Self {

@@ -11,6 +11,8 @@ pub mod error;
 pub mod metrics;
 pub mod monitor;
 pub mod netlink;
+#[cfg(test)]
+mod parse_fuzz;
 pub mod rule;
 pub mod rulefile;
 pub mod shaper;

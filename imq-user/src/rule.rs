@@ -83,6 +83,12 @@ impl Directions {
     }
 }
 
+impl fmt::Display for Directions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 impl FromStr for Directions {
     type Err = Error;
 

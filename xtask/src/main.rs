@@ -66,6 +66,15 @@ enum Task {
         #[arg(long, value_name = "LOG")]
         from_log: Option<PathBuf>,
     },
+    /// Differential fuzzing of the classifier for N minutes (root): random rule sets and
+    /// frames through the real program (BPF_PROG_TEST_RUN) and a reference matcher
+    Fuzz {
+        #[arg(long, default_value_t = 10)]
+        minutes: u64,
+        /// Start from this seed (hexadecimal) instead of a fresh one
+        #[arg(long)]
+        seed: Option<String>,
+    },
     /// cargo fmt --check and clippy -D warnings on the host and eBPF crates
     Lint,
     /// Build the Debian package: target/dist/imq_VERSION_ARCH.deb (imqctl, imq.service,
@@ -126,6 +135,22 @@ fn test(filter: Option<String>) -> Result<()> {
     cmd.args(["--", "--test-threads=1"]);
     cmd.args(filter);
     run(&mut cmd)
+}
+
+fn fuzz(minutes: u64, seed: Option<String>) -> Result<()> {
+    build()?;
+    let seed = seed.unwrap_or_else(|| {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        format!("{:x}", nanos ^ u64::from(std::process::id()).rotate_left(32))
+    });
+    println!("fuzzing for {minutes} min from seed {seed} (replay: cargo xtask fuzz --seed {seed})");
+    run(cargo()
+        .args(["test", "--release", "--package", "imq-tests", "--test", "differential"])
+        .env("IMQ_FUZZ_SEED", &seed)
+        .env("IMQ_FUZZ_SECONDS", (minutes * 60).to_string())
+        .args(["--", "--nocapture"]))
 }
 
 fn lint() -> Result<()> {
@@ -196,6 +221,7 @@ fn main() -> ExitCode {
             rounds,
             from_log: None,
         } => build().and_then(|()| bufferbloat::run(&kernel, seconds, rounds, None)),
+        Task::Fuzz { minutes, seed } => fuzz(minutes, seed),
         Task::Lint => lint(),
         Task::Dist => build().and_then(|()| {
             println!("built {}", dist::package()?.display());
