@@ -35,6 +35,10 @@ pub enum Error {
     #[error("imqctl needs root (CAP_NET_ADMIN and CAP_BPF or CAP_SYS_ADMIN): run it with sudo")]
     NotPrivileged,
     #[error(
+        "imqctl runs in a user namespace (a rootless container?), where capabilities do not reach BPF: run it as root of the host's user namespace"
+    )]
+    InUserNamespace,
+    #[error(
         "conflicts with the rule at prio {prio} on {iface} {direction}, which sends the same match to {dev}: detach it first"
     )]
     Conflict {

@@ -268,7 +268,9 @@ impl Imq {
     /// with the change, which stands; a hook left behind without rules passes every
     /// packet, and the next command that touches it tries again.
     pub fn take_warnings(&self) -> Vec<String> {
-        self.warnings.take()
+        let mut all = std::mem::take(&mut *state::LOAD_WARNINGS.lock().unwrap_or_else(|p| p.into_inner()));
+        all.extend(self.warnings.take());
+        all
     }
 
     /// Starts reporting what the data path decides (`imqctl monitor`).

@@ -96,6 +96,10 @@ fn programs_marker() -> String {
     format!("{PROGRAMS_PREFIX}{hash:016x}")
 }
 
+/// What went wrong while opening state that the command can still do its work
+/// despite; taken by [`crate::Imq::take_warnings`].
+pub(crate) static LOAD_WARNINGS: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
 /// Whether programs were loaded into this state (they are, on first use).
 fn has_programs(dir: &Path) -> bool {
     [Prog::IngressTcx, Prog::IngressClassic, Prog::Egress]
@@ -317,13 +321,20 @@ impl Locked {
 
     /// Opens the state of this namespace, creating it if needed.
     pub fn open_or_create(self) -> Result<State> {
+        let created = !self.dir.exists();
         ensure_dir(&self.dir)?;
         if self.dir.join(RULES_MAP).exists() {
             self.check_layout()?;
         } else {
             ensure_dir(&self.dir.join(LAYOUT))?;
         }
-        State::load(self.dir, self.lock)
+        let dir = self.dir.clone();
+        State::load(self.dir, self.lock).inspect_err(|_| {
+            // Nothing half-made stays behind a command that failed.
+            if created {
+                let _ = fs::remove_dir_all(&dir);
+            }
+        })
     }
 
     /// Pinned maps are reused as they are: ones of another layout would be misread.
@@ -407,11 +418,17 @@ impl State {
         let mut state = Self { dir, ebpf, _lock: lock };
         state.clear_dead_monitor();
         if stale {
-            state
-                .replace_programs(hook_pinned && hooks.is_some())
-                .map_err(|e| Error::Bpf(format!("replace the programs of an older imq build: {e}")))?;
+            match state.replace_programs(hook_pinned && hooks.is_some()) {
+                Ok(()) => ensure_dir(&state.dir.join(programs_marker()))?,
+                // The old programs read the same maps: they go on working, and the
+                // next command tries again.
+                Err(e) => LOAD_WARNINGS.lock().unwrap_or_else(|p| p.into_inner()).push(format!(
+                    "the programs of an older imq build still run here; replacing them failed: {e}"
+                )),
+            }
+        } else {
+            ensure_dir(&state.dir.join(programs_marker()))?;
         }
-        ensure_dir(&state.dir.join(programs_marker()))?;
         if hooks.is_some() && !hook_pinned {
             // Best effort: without these hooks a device that is down still drops what
             // is sent to it, but everything else works.

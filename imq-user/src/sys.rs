@@ -34,11 +34,24 @@ pub fn check_privileges() -> Result<()> {
         .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
         .unwrap_or(0);
     let has = |cap: u32| eff & (1 << cap) != 0;
-    if has(CAP_NET_ADMIN) && (has(CAP_BPF) || has(CAP_SYS_ADMIN)) {
-        Ok(())
-    } else {
-        Err(Error::NotPrivileged)
+    if !(has(CAP_NET_ADMIN) && (has(CAP_BPF) || has(CAP_SYS_ADMIN))) {
+        return Err(Error::NotPrivileged);
     }
+    // The kernel checks CAP_BPF against the initial user namespace: capabilities held
+    // in another one (all of them, as its root) load nothing.
+    if !in_initial_user_namespace() {
+        return Err(Error::InUserNamespace);
+    }
+    Ok(())
+}
+
+/// Whether this process is in the initial user namespace, whose uid map alone maps
+/// every uid to itself ("0 0 4294967295").
+fn in_initial_user_namespace() -> bool {
+    fs::read_to_string("/proc/self/uid_map").is_ok_and(|map| {
+        let lines: Vec<Vec<&str>> = map.lines().map(|l| l.split_whitespace().collect()).collect();
+        lines.len() == 1 && lines[0] == ["0", "0", "4294967295"]
+    })
 }
 
 /// How imq tells network namespaces apart: its state directory and the device hooks

@@ -16,8 +16,9 @@ use std::{
 use imq_tests::{
     NetNs, Pair, Routed,
     check::{dev_rx, show},
-    imqctl_path, require_root, unique_id,
+    imqctl_path, require_root,
     udp::udp_flow_loss,
+    unique_id,
 };
 use serde_json::Value;
 
@@ -88,8 +89,10 @@ fn rule_set(status: &Value) -> Vec<(String, u64, String, String)> {
 /// Two rule files that send the flow's port to different devices, with `extra`
 /// other rules each so an apply has real work to cut short.
 fn two_sets(extra: u16) -> (String, String) {
-    let mut a = String::from("[[rule]]\ninterface = \"s0\"\nprio = 10\nproto = \"udp\"\ndport = 5320\ndev = \"imq0\"\n");
-    let mut b = String::from("[[rule]]\ninterface = \"s0\"\nprio = 20\nproto = \"udp\"\ndport = 5320\ndev = \"imq1\"\n");
+    let mut a =
+        String::from("[[rule]]\ninterface = \"s0\"\nprio = 10\nproto = \"udp\"\ndport = 5320\ndev = \"imq0\"\n");
+    let mut b =
+        String::from("[[rule]]\ninterface = \"s0\"\nprio = 20\nproto = \"udp\"\ndport = 5320\ndev = \"imq1\"\n");
     for i in 0..extra {
         a.push_str(&format!(
             "[[rule]]\ninterface = \"s0\"\nprio = {}\nproto = \"tcp\"\ndport = {}\ndev = \"imq0\"\n",
@@ -144,48 +147,44 @@ fn imqctl_killed_at_any_point_leaves_whole_state_and_loses_nothing() {
     let addr: SocketAddr = format!("{}:5320", pair.server_v4()).parse().unwrap();
     let mut killed_mid_way = 0;
     let seconds = (iterations as f64 * (span.as_secs_f64() * 1.5 + 0.08)).max(3.0);
-    let (sent, received, lost) = udp_flow_loss(
-        &pair.client,
-        s,
-        addr,
-        2_000,
-        Duration::from_secs_f64(seconds),
-        || {
-            let mut rng = Rng(seed);
-            let deadline = Instant::now() + Duration::from_secs_f64(seconds - 0.5);
-            for i in 0..iterations {
-                if Instant::now() > deadline {
-                    break;
-                }
-                let f = if i % 2 == 0 { &fa } else { &fb };
-                let mut child = spawn_imqctl(s, &["apply", "-f", f.path()]);
-                let delay = Duration::from_nanos(rng.next() % (span.as_nanos() as u64 * 12 / 10 + 1));
-                thread::sleep(delay);
-                let _ = child.kill();
-                let status = child.wait().unwrap();
-                if status.code().is_none() {
-                    killed_mid_way += 1;
-                }
-                // Consistent: one whole set, whichever.
-                let now = rule_set(&show(s));
-                assert!(
-                    now == set_a || now == set_b,
-                    "after a kill at {delay:?}: a set that is neither: {} rules",
-                    now.len()
-                );
+    let (sent, received, lost) = udp_flow_loss(&pair.client, s, addr, 2_000, Duration::from_secs_f64(seconds), || {
+        let mut rng = Rng(seed);
+        let deadline = Instant::now() + Duration::from_secs_f64(seconds - 0.5);
+        for i in 0..iterations {
+            if Instant::now() > deadline {
+                break;
             }
-            // The next command works, and lands.
-            apply(&fa);
-            assert_eq!(rule_set(&show(s)), set_a);
-        },
-    )
+            let f = if i % 2 == 0 { &fa } else { &fb };
+            let mut child = spawn_imqctl(s, &["apply", "-f", f.path()]);
+            let delay = Duration::from_nanos(rng.next() % (span.as_nanos() as u64 * 12 / 10 + 1));
+            thread::sleep(delay);
+            let _ = child.kill();
+            let status = child.wait().unwrap();
+            if status.code().is_none() {
+                killed_mid_way += 1;
+            }
+            // Consistent: one whole set, whichever.
+            let now = rule_set(&show(s));
+            assert!(
+                now == set_a || now == set_b,
+                "after a kill at {delay:?}: a set that is neither: {} rules",
+                now.len()
+            );
+        }
+        // The next command works, and lands.
+        apply(&fa);
+        assert_eq!(rule_set(&show(s)), set_a);
+    })
     .unwrap();
     let through = rx("imq0") + rx("imq1") - before;
     eprintln!(
         "{killed_mid_way} of {iterations} applies killed mid-way; flow: sent {sent}, received {received}, lost {lost}; \
          {through} through imq0/imq1"
     );
-    assert!(killed_mid_way >= iterations / 4, "too few kills landed mid-way: {killed_mid_way}");
+    assert!(
+        killed_mid_way >= iterations / 4,
+        "too few kills landed mid-way: {killed_mid_way}"
+    );
     assert_eq!(lost, 0, "packets lost");
     assert_eq!(through, sent, "every packet went through imq0 or imq1");
 }
@@ -196,7 +195,10 @@ fn imqctl_killed_at_any_point_leaves_whole_state_and_loses_nothing() {
 fn many_imqctl_at_once_land_as_if_one_after_the_other() {
     require_root();
     let routed = Routed::new("race", 3).unwrap();
-    let nss: Vec<&NetNs> = [&routed.router, &routed.server].into_iter().chain(&routed.clients).collect();
+    let nss: Vec<&NetNs> = [&routed.router, &routed.server]
+        .into_iter()
+        .chain(&routed.clients)
+        .collect();
     // 1. Distinct attaches at once: 12 in the router, 4 in each other namespace.
     let mut children = Vec::new();
     for (n, ns) in nss.iter().enumerate() {
@@ -273,7 +275,11 @@ fn many_imqctl_at_once_land_as_if_one_after_the_other() {
             .collect();
         for c in children {
             let out = c.wait_with_output().unwrap();
-            assert!(out.status.success(), "round {round}: {}", String::from_utf8_lossy(&out.stderr));
+            assert!(
+                out.status.success(),
+                "round {round}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         let now = rule_set(&show(router));
         assert!(sets.contains(&now), "round {round}: the final state is no file's");

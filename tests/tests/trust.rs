@@ -96,3 +96,74 @@ fn trust_refuses_imq_state_another_user_could_touch() {
         );
     }
 }
+
+/// The namespace directories under the host's `imq/`.
+fn state_dirs() -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir("/sys/fs/bpf/imq")
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// Without the host's CAP_NET_ADMIN and CAP_BPF (or CAP_SYS_ADMIN) imqctl refuses in
+/// one line and changes nothing: as root with every other capability dropped, as
+/// another user holding CAP_NET_ADMIN alone, and as root of a user namespace (which
+/// holds every capability there, and none that reaches BPF).
+#[test]
+fn trust_without_the_hosts_capabilities_imqctl_refuses_and_changes_nothing() {
+    require_root();
+    let pair = Pair::new("caps").unwrap();
+    let s = &pair.server;
+    let imqctl = imqctl_path().unwrap();
+    let imqctl = imqctl.to_str().unwrap();
+    let links_before = s.ip(&["-o", "link", "show"]).unwrap();
+    let dirs_before = state_dirs();
+    let cases: [(&str, Vec<&str>, &str); 3] = [
+        (
+            "root with CAP_NET_ADMIN alone",
+            vec!["setpriv", "--bounding-set=-all,+net_admin", "--inh-caps=-all", imqctl],
+            "needs root",
+        ),
+        (
+            "uid 65534 with CAP_NET_ADMIN (ambient)",
+            vec![
+                "setpriv",
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                "--inh-caps=-all,+net_admin",
+                "--ambient-caps=-all,+net_admin",
+                imqctl,
+            ],
+            "needs root",
+        ),
+        (
+            "root of a user namespace",
+            vec!["unshare", "--user", "--map-root-user", imqctl],
+            "user namespace",
+        ),
+    ];
+    for (what, argv, says) in cases {
+        let out = s
+            .command(argv[0])
+            .args(&argv[1..])
+            .args(["attach", "s0", "--dev", "imq5"])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{what}: attach succeeded");
+        assert_eq!(err.trim_end().lines().count(), 1, "{what}: {err:?}");
+        assert!(err.starts_with("imqctl: ") && err.contains(says), "{what}: {err:?}");
+        assert_eq!(
+            s.ip(&["-o", "link", "show"]).unwrap(),
+            links_before,
+            "{what}: links changed"
+        );
+        assert_eq!(state_dirs(), dirs_before, "{what}: state created");
+    }
+}
