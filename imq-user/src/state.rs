@@ -96,6 +96,43 @@ fn programs_marker() -> String {
     format!("{PROGRAMS_PREFIX}{hash:016x}")
 }
 
+/// Refuses pinned maps that are not what this object declares (type, key and value
+/// size, entries): aya reuses a pinned map as it finds it, and imq would write its
+/// records into whatever was pinned there, by someone else or by another layout.
+fn check_pinned_maps(pins: &[(&str, PathBuf)]) -> Result<()> {
+    let object = aya_obj::Object::parse(crate::EBPF_OBJECT).map_err(|e| Error::bpf("parse imq object", e))?;
+    for (name, path) in pins {
+        if !path.exists() {
+            continue;
+        }
+        let declared = object
+            .maps
+            .get(*name)
+            .ok_or_else(|| Error::Bpf(format!("map {name} missing from the object")))?;
+        let want = (
+            declared.map_type(),
+            declared.key_size(),
+            declared.value_size(),
+            declared.max_entries(),
+        );
+        let untrusted = |reason: String| Error::UntrustedState(path.clone(), reason);
+        let info = aya::maps::MapInfo::from_pin(path).map_err(|e| untrusted(format!("is not a BPF map ({e})")))?;
+        let found = (
+            info.map_type().map_or(u32::MAX, |t| t as u32),
+            info.key_size(),
+            info.value_size(),
+            info.max_entries(),
+        );
+        if found != want {
+            return Err(untrusted(format!(
+                "is a map of type {}, key {} B, value {} B, {} entries; imq's {name} is type {}, key {} B, value {} B, {} entries",
+                found.0, found.1, found.2, found.3, want.0, want.1, want.2, want.3
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// What went wrong while opening state that the command can still do its work
 /// despite; taken by [`crate::Imq::take_warnings`].
 pub(crate) static LOAD_WARNINGS: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
@@ -383,6 +420,7 @@ impl State {
         .into_iter()
         .map(|m| (m, dir.join(m)))
         .collect();
+        check_pinned_maps(&pins)?;
         let mut loader = EbpfLoader::new();
         // Pinned maps are reused as they are; missing ones are created and pinned.
         for (name, path) in &pins {

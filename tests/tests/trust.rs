@@ -167,3 +167,72 @@ fn trust_without_the_hosts_capabilities_imqctl_refuses_and_changes_nothing() {
         assert_eq!(state_dirs(), dirs_before, "{what}: state created");
     }
 }
+
+/// Creates a BPF array map (`value_size` bytes, `entries` of them) and pins it at
+/// `path`, as someone other than imq might.
+fn pin_foreign_array(path: &std::path::Path, value_size: u32, entries: u32) {
+    use std::os::fd::{FromRawFd as _, OwnedFd};
+    const BPF_MAP_CREATE: libc::c_long = 0;
+    const BPF_OBJ_PIN: libc::c_long = 6;
+    const BPF_MAP_TYPE_ARRAY: u64 = 2;
+    let bpf = |cmd: libc::c_long, attr: &mut [u64; 16]| {
+        // SAFETY: a zeroed union bpf_attr of 128 bytes, filled in for `cmd`.
+        let r = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), 128usize) };
+        assert!(r >= 0, "bpf({cmd}): {}", std::io::Error::last_os_error());
+        r
+    };
+    // BPF_MAP_CREATE: map_type, key_size, value_size, max_entries (u32 each).
+    let mut attr = [0u64; 16];
+    attr[0] = BPF_MAP_TYPE_ARRAY | (4 << 32);
+    attr[1] = u64::from(value_size) | (u64::from(entries) << 32);
+    // SAFETY: the syscall returned a new map fd.
+    let map = unsafe { OwnedFd::from_raw_fd(bpf(BPF_MAP_CREATE, &mut attr) as i32) };
+    let cpath = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+    // BPF_OBJ_PIN: pathname (pointer), bpf_fd.
+    let mut attr = [0u64; 16];
+    attr[0] = cpath.as_ptr() as u64;
+    attr[1] = std::os::fd::AsRawFd::as_raw_fd(&map) as u64;
+    bpf(BPF_OBJ_PIN, &mut attr);
+}
+
+/// A pinned map imq did not make, where imq keeps one of its own, is refused in one
+/// line (it names the map and what it is) instead of being written into: in state imq
+/// made, and in a directory someone prepared before imq ever ran there.
+#[test]
+fn trust_refuses_pinned_maps_it_did_not_make() {
+    require_root();
+    let pair = Pair::new("foreign").unwrap();
+    let s = &pair.server;
+    s.imqctl_ok(&["attach", "s0"]);
+    let dir = s.imq_state_dir();
+    let rules = dir.join("imq_rules");
+    std::fs::remove_file(&rules).unwrap();
+    pin_foreign_array(&rules, 8, 16);
+    let r = s.imqctl(&["attach", "s0", "--proto", "udp", "--dev", "imq4"]);
+    assert_ne!(r.code, 0, "attach over a foreign imq_rules succeeded");
+    assert_eq!(r.stderr.trim_end().lines().count(), 1, "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("imq_rules is a map of type 2, key 4 B, value 8 B, 16 entries")
+            && r.stderr.contains("refusing imq state"),
+        "{}",
+        r.stderr
+    );
+    assert!(s.ip(&["link", "show", "imq4"]).is_err(), "a device was created");
+    std::fs::remove_dir_all(&dir).unwrap();
+
+    // Prepared before imq ran in the namespace.
+    let other = Pair::new("foreign2").unwrap();
+    let dir = other.server.imq_state_dir();
+    std::fs::create_dir_all(dir.join("layout-4")).unwrap();
+    pin_foreign_array(&dir.join("imq_active"), 4, 1024);
+    pin_foreign_array(&dir.join("imq_rules"), 4, 1);
+    let r = other.server.imqctl(&["attach", "s0"]);
+    assert_ne!(r.code, 0, "attach over prepared pins succeeded");
+    assert!(r.stderr.contains("refusing imq state"), "{}", r.stderr);
+    assert!(
+        other.server.ip(&["link", "show", "imq0"]).is_err(),
+        "a device was created"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
