@@ -75,6 +75,12 @@ enum Task {
         #[arg(long)]
         seed: Option<String>,
     },
+    /// A soak of N minutes (root): a flow through imq while watch, rule sets, imq devices
+    /// and interfaces churn; checks nothing lost and nothing grew (RELIABILITY.md)
+    Soak {
+        #[arg(long, default_value_t = 30)]
+        minutes: u64,
+    },
     /// cargo fmt --check and clippy -D warnings on the host and eBPF crates
     Lint,
     /// Build the Debian package: target/dist/imq_VERSION_ARCH.deb (imqctl, imq.service,
@@ -222,6 +228,13 @@ fn main() -> ExitCode {
             from_log: None,
         } => build().and_then(|()| bufferbloat::run(&kernel, seconds, rounds, None)),
         Task::Fuzz { minutes, seed } => fuzz(minutes, seed),
+        Task::Soak { minutes } => build().and_then(|()| {
+            run(cargo()
+                .args(["test", "--release", "--package", "imq-tests", "--test", "soak"])
+                .env("IMQCTL", imqctl_path())
+                .env("IMQ_SOAK_SECONDS", (minutes * 60).to_string())
+                .args(["--", "--ignored", "--nocapture"]))
+        }),
         Task::Lint => lint(),
         Task::Dist => build().and_then(|()| {
             println!("built {}", dist::package()?.display());
