@@ -20,7 +20,7 @@ use aya::{
     maps::{MapInfo, loaded_maps},
     programs::{loaded_links, loaded_programs},
 };
-use imq_tests::{NetNs, Pair, check::show, imqctl_path, require_root, unique_id, udp::udp_flow_loss};
+use imq_tests::{NetNs, Pair, check::show, imqctl_path, require_root, udp::udp_flow_loss, unique_id};
 
 fn rule_file(dev: &str, base: u16) -> String {
     let mut t = format!("[[rule]]\ninterface = \"s0\"\nprio = 10\nproto = \"udp\"\ndport = 5320\ndev = \"{dev}\"\n");
@@ -122,7 +122,11 @@ fn soak() {
     eprintln!(
         "soak: {seconds} s; maps {entries_before:?}; imq programs, maps, links {objects_before:?}; \
          imq0 flaps {}",
-        if tracks { "on" } else { "off (this kernel refuses the device hook)" }
+        if tracks {
+            "on"
+        } else {
+            "off (this kernel refuses the device hook)"
+        }
     );
 
     let hup = |w: &Watch| {
@@ -136,21 +140,21 @@ fn soak() {
         let mut i = 0u64;
         while Instant::now() < end {
             i += 1;
-            fs::write(&file, if i % 2 == 0 { &a } else { &b }).unwrap();
+            fs::write(&file, if i.is_multiple_of(2) { &a } else { &b }).unwrap();
             hup(&watch);
             switches += 1;
             thread::sleep(Duration::from_millis(400));
-            if i % 7 == 0 {
+            if i.is_multiple_of(7) {
                 let _ = s.ip(&["link", "del", "imq1"]);
                 deletions += 1;
             }
-            if tracks && i % 5 == 0 {
+            if tracks && i.is_multiple_of(5) {
                 s.ip(&["link", "set", "imq0", "down"]).unwrap();
                 thread::sleep(Duration::from_millis(200));
                 s.ip(&["link", "set", "imq0", "up"]).unwrap();
                 flaps += 1;
             }
-            if i % 3 == 0 {
+            if i.is_multiple_of(3) {
                 s.ip(&["link", "set", "s1", "down"]).unwrap();
                 s.ip(&["link", "set", "s1", "up"]).unwrap();
                 iface_flaps += 1;

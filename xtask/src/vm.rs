@@ -586,7 +586,7 @@ fn init_script(tests: &[String], filter: Option<&str>) -> String {
     let mut s = init_preamble();
     for t in tests {
         s.push_str(&format!(
-            "echo \"IMQ-VM-RUN {t}\"\nIMQCTL=/imq/imqctl RUST_BACKTRACE=1 /imq/tests/{t} --test-threads=1 --include-ignored --nocapture{filter}\necho \"IMQ-VM-EXIT {t} $?\"\n"
+            "echo \"IMQ-VM-RUN {t}\"\nIMQCTL=/imq/imqctl IMQ_EMULATED=1 RUST_BACKTRACE=1 /imq/tests/{t} --test-threads=1 --include-ignored --nocapture{filter}\necho \"IMQ-VM-EXIT {t} $?\"\n"
         ));
     }
     s.push_str(&format!("echo {DONE}\nbusybox poweroff -f\n"));
