@@ -2,9 +2,9 @@
 //! sequenced UDP flow through imq for N minutes while `imqctl watch` keeps a rule file
 //! in place and everything around it churns: the file switches between two rule sets
 //! (the flow's port into imq0 or imq1, with 500 other rules each) and is reloaded,
-//! imq1 is deleted behind imq's back, imq0 is taken down and up (where the kernel
-//! allows the device hook that follows it at once), and a second interface with rules
-//! of its own flaps. Reconciled at the end: every packet sent was received (nothing
+//! a second interface with rules of its own flaps, and, where the kernel allows the
+//! device hook that follows imq devices at once, imq1 is deleted behind imq's back and
+//! imq0 taken down and up. Reconciled at the end: every packet sent was received (nothing
 //! blackholed), and the pinned maps hold as many entries and the kernel as many imq
 //! programs, maps and links as after the first apply.
 
@@ -144,7 +144,10 @@ fn soak() {
             hup(&watch);
             switches += 1;
             thread::sleep(Duration::from_millis(400));
-            if i.is_multiple_of(7) {
+            // Without the device hook a device deleted or taken down behind imq's
+            // back drops what is sent to it until watch hears of it (README, Limits):
+            // that is measured where the hook runs.
+            if tracks && i.is_multiple_of(7) {
                 let _ = s.ip(&["link", "del", "imq1"]);
                 deletions += 1;
             }
@@ -181,5 +184,10 @@ fn soak() {
     );
     assert_eq!(lost, 0, "packets lost");
     assert_eq!(entries_after, entries_before, "map entries grew");
-    assert_eq!(objects_after, objects_before, "kernel objects grew");
+    assert!(
+        objects_after.0 <= objects_before.0
+            && objects_after.1 <= objects_before.1
+            && objects_after.2 <= objects_before.2,
+        "kernel objects grew: {objects_before:?} -> {objects_after:?}"
+    );
 }
