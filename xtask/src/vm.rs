@@ -28,6 +28,12 @@ use anyhow::{Context as _, Result, bail};
 
 use crate::{cargo, imqctl_path, run, setup};
 
+/// Test binaries that check imq's own logic more than the kernel's (the rule compiler
+/// and apply at scale, crash and race consistency, watch, metrics, unit tests): 6.1
+/// attaches exactly as 5.10 does (cls_bpf + mirred, the fentry device hook), so they
+/// run on 5.10 and 6.12 and are left out on 6.1, which keeps CI within its time.
+const SAME_ON_6_1: &[&str] = &["select", "robustness", "watch", "metrics", "imq"];
+
 /// The Debian releases whose kernels imq is tested on, oldest first.
 pub const SUITES: &[(&str, &str)] = &[
     ("bullseye", "Debian 11"),
@@ -590,9 +596,16 @@ fn init_script(tests: &[String], filter: Option<&str>) -> String {
         .unwrap_or_default();
     let mut s = init_preamble();
     for t in tests {
-        s.push_str(&format!(
+        let run = format!(
             "echo \"IMQ-VM-RUN {t}\"\nIMQCTL=/imq/imqctl IMQ_EMULATED=1 RUST_BACKTRACE=1 /imq/tests/{t} --test-threads=1 --include-ignored --nocapture{filter}\necho \"IMQ-VM-EXIT {t} $?\"\n"
-        ));
+        );
+        if SAME_ON_6_1.contains(&t.as_str()) {
+            s.push_str(&format!(
+                "case \"$(uname -r)\" in 6.1.*) echo \"IMQ-VM-SKIP {t}: user-space logic, run on 5.10 and 6.12\";; *)\n{run};; esac\n"
+            ));
+        } else {
+            s.push_str(&run);
+        }
     }
     s.push_str(&format!("echo {DONE}\nbusybox poweroff -f\n"));
     s
