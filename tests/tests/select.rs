@@ -381,7 +381,9 @@ fn apply_of_ten_thousand_rules_while_a_flow_runs() {
     let ratio = many_rate / one;
     eprintln!("10,001 rules / 1 rule: {ratio:.3}");
     assert!(
-        (0.8..=1.25).contains(&ratio),
+        // More rules cannot make a flow faster: above 1 is the noise of unshaped TCP
+        // (up to 1.32 seen under emulation), so the upper bound is only a sanity one.
+        (0.8..=1.5).contains(&ratio),
         "throughput ratio {ratio:.3} (10,001 rules / 1)"
     );
 }
