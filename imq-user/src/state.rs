@@ -491,15 +491,9 @@ impl State {
             if !pin.exists() {
                 continue;
             }
-            let prog: &mut SchedClassifier = self
-                .ebpf
-                .program_mut(name)
-                .ok_or_else(|| Error::Bpf(format!("program {name} missing from the object")))?
-                .try_into()
-                .map_err(|e| Error::bpf("program type", e))?;
-            prog.load().map_err(|e| load_error(name, e))?;
             // bpffs refuses names with a dot.
             let fresh = self.dir.join(format!("{}_new", which.names().1));
+            let prog = self.load_classifier(name)?;
             let _ = fs::remove_file(&fresh);
             prog.pin(&fresh).map_err(|e| Error::bpf(&format!("pin {name}"), e))?;
             fs::rename(&fresh, &pin).map_err(|e| Error::io(format!("replace {}", pin.display()), e))?;
@@ -914,18 +908,24 @@ impl State {
         }
     }
 
+    /// The object's TC program `name`, loaded into the kernel (not pinned).
+    fn load_classifier(&mut self, name: &str) -> Result<&mut SchedClassifier> {
+        let prog: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(name)
+            .ok_or_else(|| Error::Bpf(format!("program {name} missing from the object")))?
+            .try_into()
+            .map_err(|e| Error::bpf("program type", e))?;
+        prog.load().map_err(|e| load_error(name, e))?;
+        Ok(prog)
+    }
+
     /// A pinned program, loaded and pinned on first use.
     pub fn program(&mut self, which: Prog) -> Result<SchedClassifier> {
         let (name, pin) = which.names();
         let pin = self.dir.join(pin);
         if !pin.exists() {
-            let prog: &mut SchedClassifier = self
-                .ebpf
-                .program_mut(name)
-                .ok_or_else(|| Error::Bpf(format!("program {name} missing from the object")))?
-                .try_into()
-                .map_err(|e| Error::bpf("program type", e))?;
-            prog.load().map_err(|e| load_error(name, e))?;
+            let prog = self.load_classifier(name)?;
             prog.pin(&pin).map_err(|e| Error::bpf(&format!("pin {name}"), e))?;
         }
         SchedClassifier::from_pin(&pin).map_err(|e| Error::bpf("open pinned program", e))
