@@ -113,7 +113,8 @@ impl Imq {
                 }
                 None => self.nl.add_ifb(&name, d.txqueuelen)?,
             };
-            state.set_device(d.name.0, link.index, link.up || !self.leave_down)?;
+            // Published once what sends to it points at it (`apply`).
+            crate::stage_device(state, d.name, link.index)?;
             let want = DeviceSetup {
                 ifindex: link.index,
                 txqueuelen: d.txqueuelen,

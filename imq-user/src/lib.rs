@@ -83,7 +83,8 @@ pub struct DeviceStatus {
     /// 0 when missing.
     pub ifindex: u32,
     /// `up`; `down` (its traffic passes unshaped); `down-dropping` (down, and imq was
-    /// not told: `imqctl dev add` fixes that); `missing` (deleted: its traffic passes
+    /// not told: `imqctl dev add` fixes that); `up-bypassed` (up, and imq was not told:
+    /// its traffic passes unshaped until `imqctl dev add`); `missing` (deleted: its traffic passes
     /// unshaped); `stale` (re-created outside imqctl: passes unshaped until
     /// `imqctl dev add`).
     pub state: &'static str,
@@ -220,6 +221,22 @@ impl Need {
     }
 }
 
+/// Rounds of write and read [`Imq::publish_devices`] makes before giving up on a
+/// device that keeps flapping.
+const PUBLISH_TRIES: usize = 8;
+
+/// Points imq device `dev` at `ifindex` when the table has no device or another one
+/// for it, marked down: selected packets pass unshaped, nothing is sent to the device
+/// until [`Imq::publish_devices`] (on kernels without TCX the filter's mirred still
+/// names the old device, and drops what it is given). A device the table already
+/// has is left as it is.
+pub(crate) fn stage_device(state: &mut State, dev: DevName, ifindex: u32) -> Result<()> {
+    if state.device(dev.0)?.ifindex != ifindex {
+        state.set_device(dev.0, ifindex, false)?;
+    }
+    Ok(())
+}
+
 /// What `rules` need, on a kernel that has TCX or not.
 fn needs(rules: &[(u32, Rule)], tcx: bool) -> BTreeSet<Need> {
     rules
@@ -331,14 +348,16 @@ impl Imq {
     }
 
     /// Makes sure the devices exist and are up, creating the missing ones, and points
-    /// the device table at them. Returns the ifindexes of the devices it created.
+    /// the device table at them: a device new to the table is staged (nothing is sent
+    /// to it yet), for [`Self::transition`] to publish once the filters that send to it
+    /// are in place. Returns the ifindexes of the devices it created.
     fn ensure_devs(&self, state: &mut State, devs: &[(DevName, Option<Link>)]) -> Result<Vec<u32>> {
         let mut created = Vec::new();
         let result = (|| {
             for (dev, link) in devs {
                 let link = match link {
                     Some(l) if !l.up && self.leave_down => {
-                        state.set_device(dev.0, l.index, false)?;
+                        stage_device(state, *dev, l.index)?;
                         continue;
                     }
                     Some(l) => {
@@ -354,7 +373,7 @@ impl Imq {
                         l
                     }
                 };
-                state.set_device(dev.0, link.index, true)?;
+                stage_device(state, *dev, link.index)?;
             }
             Ok(())
         })();
@@ -367,6 +386,49 @@ impl Imq {
                 Err(e)
             }
         }
+    }
+
+    /// Records in the device table whether each of `devs` is up, as the kernel has
+    /// it now; from then on packets are sent to those that are. The table is written
+    /// from a fresh read of the links and read again after, until the two agree: the
+    /// device hook may record a device going down or up between a read and a write,
+    /// and a write from the older read would undo it (a device marked up while down
+    /// has everything sent to it dropped). The kernel changes a device's state and
+    /// calls the hook in one step under RTNL, which a link dump also takes, so when
+    /// a read after the write agrees with it, any later change is the hook's.
+    pub(crate) fn publish_devices(&self, state: &mut State, devs: &[DevName]) -> Result<()> {
+        let mut table = Vec::new();
+        for &dev in devs {
+            let ifindex = state.device(dev.0)?.ifindex;
+            if ifindex != 0 && !table.iter().any(|(d, _)| *d == dev) {
+                table.push((dev, ifindex));
+            }
+        }
+        if table.is_empty() {
+            return Ok(());
+        }
+        let read = || -> Result<Vec<bool>> {
+            let links = self.nl.links()?;
+            Ok(table
+                .iter()
+                .map(|(_, i)| links.iter().any(|l| l.index == *i && l.up))
+                .collect())
+        };
+        let mut up = read()?;
+        for _ in 0..PUBLISH_TRIES {
+            for ((dev, ifindex), up) in table.iter().zip(&up) {
+                state.set_device(dev.0, *ifindex, *up)?;
+            }
+            let now = read()?;
+            if now == up {
+                return Ok(());
+            }
+            up = now;
+        }
+        Err(Error::Netlink(format!(
+            "{} kept going down and up while imq recorded its state; try again",
+            table.iter().map(|(d, _)| d.to_string()).collect::<Vec<_>>().join(", ")
+        )))
     }
 
     /// Compiles `new`, refusing it (before any change) if it cannot be.
@@ -403,6 +465,9 @@ impl Imq {
                 // Also repairs what was removed behind imq's back.
                 self.raise(state, links, need)?;
             }
+            // The devices the rules send to, now that what sends to them is in place.
+            let devs: Vec<DevName> = old.iter().chain(new).map(|(_, r)| r.dev).collect();
+            self.publish_devices(state, &devs)?;
             state.commit(old, new, compiled)
         })();
         if let Err(e) = result {
@@ -622,10 +687,19 @@ impl Imq {
         let old = state.rules()?;
         let found = self.find_shapers(&links, &self.all_qdiscs()?, &old)?;
         let shapers: Vec<Shaper> = setup.shapers.iter().map(|(_, s)| s.clone()).collect();
+        let applied = self.converge(&mut state, &links, &old, &found, wanted, &shapers)?;
+        // The rules' devices were published as they took effect; a `[[device]]` no
+        // rule uses is, here.
+        let devs: Vec<DevName> = setup.devices.iter().map(|d| d.name).collect();
+        if let Err(e) = self.publish_devices(&mut state, &devs) {
+            self.warnings.borrow_mut().push(format!(
+                "rules applied, but the state of the [[device]] devices is not recorded: {e}"
+            ));
+        }
         Ok(Applied {
             devices_set_up,
             devices_removed,
-            ..self.converge(&mut state, &links, &old, &found, wanted, &shapers)?
+            ..applied
         })
     }
 
@@ -775,6 +849,9 @@ impl Imq {
                 Some(d) if d.ifindex != table.ifindex => d.state = "stale",
                 // Down and imq does not know: what the rules select is dropped.
                 Some(d) if d.state == "down" && table.flags & DEVICE_DOWN == 0 => d.state = "down-dropping",
+                // Up and imq does not know (or a change was cut short before it sent
+                // traffic there): what the rules select passes unshaped.
+                Some(d) if d.state == "up" && table.flags & DEVICE_DOWN != 0 => d.state = "up-bypassed",
                 Some(_) => {}
                 None => status.devices.push(DeviceStatus {
                     name,
@@ -830,10 +907,11 @@ impl Imq {
         // Rules that already name this device start using it now; their filters are
         // re-pointed at it (mirred forgets a device that was deleted).
         if let Some(mut state) = locked.open()? {
-            state.set_device(dev.0, link.index, link.up)?;
+            stage_device(&mut state, dev, link.index)?;
             let links = self.nl.links()?;
             let rules = state.rules()?;
             self.raise_filters_to(&mut state, &links, &rules, dev)?;
+            self.publish_devices(&mut state, &[dev])?;
         }
         Ok(created)
     }

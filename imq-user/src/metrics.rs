@@ -163,7 +163,7 @@ pub fn render(status: &Status, format: Format) -> String {
     let mut state = Family::new(
         "imq_device_state",
         Kind::Gauge,
-        "1 for the imq device's state as imqctl show reports it (up, down, down-dropping, missing, stale).",
+        "1 for the imq device's state as imqctl show reports it (up, up-bypassed, down, down-dropping, missing, stale).",
     );
     for d in &status.devices {
         up.add(vec![("dev", d.name.clone())], u64::from(d.state == "up"));

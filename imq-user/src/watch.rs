@@ -265,13 +265,16 @@ impl Imq {
                         l.index
                     ));
                     netlink::prepare_imq_device(&l.name);
-                    state.set_device(dev.0, l.index, l.up)?;
+                    crate::stage_device(&mut state, dev, l.index)?;
                     seen.insert(dev, (l.index, l.up));
                     self.raise_filters_to(&mut state, links, &rules, dev)?;
+                    self.publish_devices(&mut state, &[dev])?;
                 }
                 Some(l) => {
+                    // `links` may be older than the table (the device hook records
+                    // changes as they happen): published from a fresh read.
                     if l.up != recorded_up {
-                        state.set_device(dev.0, l.index, l.up)?;
+                        self.publish_devices(&mut state, &[dev])?;
                     }
                     // Logged by what this loop saw: where the kernel's device hook
                     // runs, it has already updated the table.

@@ -23,6 +23,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 
 pub mod check;
+pub mod rng;
 pub mod udp;
 
 /// Privileged tests call this first: without root they fail, loudly, instead of

@@ -195,6 +195,30 @@ pub fn udp_flow_loss(
     duration: Duration,
     during: impl FnOnce(),
 ) -> Result<(u64, u64, u64)> {
+    let f = udp_flow(client, server, server_addr, pps, duration, during)?;
+    Ok((f.sent, f.sent - f.lost.len() as u64, f.lost.len() as u64))
+}
+
+/// What [`udp_flow`] counted.
+pub struct Flow {
+    pub sent: u64,
+    /// When the first packet left.
+    pub start: Instant,
+    /// When each packet that never arrived was sent (the flow is paced: packet `seq`
+    /// left at `start + seq/pps`).
+    pub lost: Vec<Instant>,
+}
+
+/// [`udp_flow_loss`], telling when each lost packet was sent, so that a loss can be
+/// put beside what happened at that moment.
+pub fn udp_flow(
+    client: &NetNs,
+    server: &NetNs,
+    server_addr: SocketAddr,
+    pps: u32,
+    duration: Duration,
+    during: impl FnOnce(),
+) -> Result<Flow> {
     let total = (f64::from(pps) * duration.as_secs_f64()) as u64;
     let (ready_tx, ready_rx) = mpsc::channel();
     let receiver = server.spawn(move || {
@@ -212,7 +236,7 @@ pub fn udp_flow_loss(
                 }
             }
         }
-        Ok(seen.iter().filter(|s| **s).count() as u64)
+        Ok(seen)
     });
     let addr = ready_rx
         .recv_timeout(Duration::from_secs(5))
@@ -231,10 +255,20 @@ pub fn udp_flow_loss(
             buf[..8].copy_from_slice(&seq.to_be_bytes());
             sock.send(&buf)?;
         }
-        Ok(total)
+        Ok(start)
     });
     during();
-    let sent = sender.join().map_err(|_| anyhow::anyhow!("sender panicked"))??;
-    let received = receiver.join().map_err(|_| anyhow::anyhow!("receiver panicked"))??;
-    Ok((sent, received, sent - received))
+    let start = sender.join().map_err(|_| anyhow::anyhow!("sender panicked"))??;
+    let seen = receiver.join().map_err(|_| anyhow::anyhow!("receiver panicked"))??;
+    let lost = seen
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| !**s)
+        .map(|(seq, _)| start + Duration::from_secs_f64(seq as f64 / f64::from(pps)))
+        .collect();
+    Ok(Flow {
+        sent: total,
+        start,
+        lost,
+    })
 }

@@ -25,36 +25,7 @@ use imq::{
     compile::compile,
     rule::{Actions, ClassId, DevName, Direction, Dscp, Mark, Match, PortRange, Prefix, Proto, Rule},
 };
-
-/// splitmix64: small, fast, and the same sequence everywhere for a seed.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-
-    /// True `percent` times in a hundred.
-    fn chance(&mut self, percent: u64) -> bool {
-        self.below(100) < percent
-    }
-
-    fn pick<T: Copy>(&mut self, items: &[T]) -> T {
-        items[self.below(items.len() as u64) as usize]
-    }
-
-    fn bytes(&mut self, n: usize) -> Vec<u8> {
-        (0..n).map(|_| self.next() as u8).collect()
-    }
-}
+use imq_tests::rng::Rng;
 
 const PROTOS: &[u8] = &[1, 6, 17, 47, 50, 58, 132, 136];
 const PORT_PROTOS: &[u8] = &[6, 17, 132, 136];
@@ -133,17 +104,17 @@ fn random_addr(rng: &mut Rng, family: u8) -> [u8; 16] {
     if family == 4 {
         // Mostly 198.18.0.0/15, sometimes anywhere.
         let v = if rng.chance(80) {
-            0xc612_0000 | (rng.next() as u32 & 0x1_ffff)
+            0xc612_0000 | (rng.next_u64() as u32 & 0x1_ffff)
         } else {
-            rng.next() as u32
+            rng.next_u64() as u32
         };
         a[..4].copy_from_slice(&v.to_be_bytes());
     } else {
         a = rng
-            .next()
+            .next_u64()
             .to_be_bytes()
             .iter()
-            .chain(&rng.next().to_be_bytes())
+            .chain(&rng.next_u64().to_be_bytes())
             .copied()
             .collect::<Vec<_>>()[..]
             .try_into()
@@ -186,20 +157,20 @@ fn port_range(rng: &mut Rng, form: PortForm) -> PortRange {
             let p = if rng.chance(50) {
                 rng.pick(&interesting)
             } else {
-                rng.next() as u16
+                rng.next_u64() as u16
             };
             PortRange { lo: p, hi: p }
         }
         PortForm::Block(k) => {
             let size = 1u32 << k;
-            let lo = (rng.next() as u32 % 65536) & !(size - 1);
+            let lo = (rng.next_u64() as u32 % 65536) & !(size - 1);
             PortRange {
                 lo: lo as u16,
                 hi: (lo + size - 1) as u16,
             }
         }
         PortForm::Range => {
-            let (a, b) = (rng.next() as u16, rng.next() as u16);
+            let (a, b) = (rng.next_u64() as u16, rng.next_u64() as u16);
             PortRange {
                 lo: a.min(b),
                 hi: a.max(b),
@@ -212,7 +183,7 @@ fn rule_from(rng: &mut Rng, t: &Template, prio: u32, id: u32) -> Rule {
     let family = t.family;
     let mut m = Match {
         mark: t.mark_mask.map(|mask| Mark {
-            value: rng.next() as u32 & mask,
+            value: rng.next_u64() as u32 & mask,
             mask,
         }),
         src: t.src_len.map(|l| to_prefix(family, random_addr(rng, family), l)),
@@ -238,7 +209,7 @@ fn rule_from(rng: &mut Rng, t: &Template, prio: u32, id: u32) -> Rule {
     let set_mark = rng.chance(30).then(|| {
         let mask = rng.pick(&[u32::MAX, 0xff, 0xff00, 0x8000_0000]);
         Mark {
-            value: rng.next() as u32 & mask,
+            value: rng.next_u64() as u32 & mask,
             mask,
         }
     });
@@ -470,7 +441,7 @@ fn frame_port(rng: &mut Rng, rules: &[(u32, Rule)], src: bool) -> u16 {
             };
         }
     }
-    rng.next() as u16
+    rng.next_u64() as u16
 }
 
 /// A frame: valid IPv4 or IPv6 most of the time, then variously broken: extension
@@ -500,7 +471,7 @@ fn frame(rng: &mut Rng, rules: &[(u32, Rule)]) -> Vec<u8> {
     } else if rng.chance(90) {
         rng.pick(PROTOS)
     } else {
-        rng.next() as u8
+        rng.next_u64() as u8
     };
     let mut l4 = Vec::new();
     l4.extend_from_slice(&frame_port(rng, rules, true).to_be_bytes());
@@ -580,7 +551,7 @@ fn frame(rng: &mut Rng, rules: &[(u32, Rule)]) -> Vec<u8> {
         }
         // Another Ethernet type.
         5 => {
-            let any = rng.next() as u16;
+            let any = rng.next_u64() as u16;
             f[12..14].copy_from_slice(&rng.pick(&[0x0806u16, 0x88a8, 0x8847, any]).to_be_bytes());
         }
         // A version that does not fit the Ethernet type.
@@ -597,10 +568,10 @@ fn mark_for(rng: &mut Rng, rules: &[(u32, Rule)]) -> u32 {
         let (_, r) = &rules[rng.below(rules.len() as u64) as usize];
         if let Some(m) = r.matches.mark {
             // The rule's value, with bits outside its mask random.
-            return m.value | (rng.next() as u32 & !m.mask) ^ if rng.chance(10) { 1 } else { 0 };
+            return m.value | (rng.next_u64() as u32 & !m.mask) ^ if rng.chance(10) { 1 } else { 0 };
         }
     }
-    if rng.chance(50) { 0 } else { rng.next() as u32 }
+    if rng.chance(50) { 0 } else { rng.next_u64() as u32 }
 }
 
 #[derive(Default)]
@@ -621,12 +592,12 @@ fn fuzz(seed: u64, min_sets: u64, budget: Duration, frames_per_set: u64) -> Tall
     for dev in 1..4 {
         h.device(dev, LO);
     }
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
     let mut t = Tally::default();
     let start = Instant::now();
     while t.rule_sets < min_sets || start.elapsed() < budget {
-        let set_seed = rng.next();
-        let mut r = Rng(set_seed);
+        let set_seed = rng.next_u64();
+        let mut r = Rng::new(set_seed);
         let rules = rule_set(&mut r);
         if compile(rules.iter().map(|(id, r)| (*id, r)), |i| i.to_string()).is_err() {
             // Too many shapes or entries for one hook: imqctl refuses such a set.

@@ -17,23 +17,11 @@ use imq_tests::{
     NetNs, Pair, Routed,
     check::{dev_rx, show},
     imqctl_path, require_root,
+    rng::Rng,
     udp::udp_flow_loss,
     unique_id,
 };
 use serde_json::Value;
-
-/// splitmix64, for kill points that replay from the seed printed.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-}
 
 /// Starts `imqctl args` in `ns` without waiting for it.
 fn spawn_imqctl(ns: &NetNs, args: &[&str]) -> Child {
@@ -153,7 +141,7 @@ fn imqctl_killed_at_any_point_leaves_whole_state_and_loses_nothing() {
         + (iterations / 2) as f64 * (span.as_secs_f64() * 0.5 + 0.08))
         .max(3.0);
     let (sent, received, lost) = udp_flow_loss(&pair.client, s, addr, 2_000, Duration::from_secs_f64(seconds), || {
-        let mut rng = Rng(seed);
+        let mut rng = Rng::new(seed);
         let deadline = Instant::now() + Duration::from_secs_f64(seconds - 0.5);
         for i in 0..iterations {
             if Instant::now() > deadline {
@@ -161,7 +149,7 @@ fn imqctl_killed_at_any_point_leaves_whole_state_and_loses_nothing() {
             }
             let f = if i % 2 == 0 { &fa } else { &fb };
             let mut child = spawn_imqctl(s, &["apply", "-f", f.path()]);
-            let delay = Duration::from_nanos(rng.next() % (span.as_nanos() as u64 * 12 / 10 + 1));
+            let delay = Duration::from_nanos(rng.next_u64() % (span.as_nanos() as u64 * 12 / 10 + 1));
             thread::sleep(delay);
             let _ = child.kill();
             let status = child.wait().unwrap();
@@ -195,7 +183,7 @@ fn imqctl_killed_at_any_point_leaves_whole_state_and_loses_nothing() {
                 &["detach", "s0", "--prio", "5"]
             };
             let mut child = spawn_imqctl(s, args);
-            let delay = Duration::from_nanos(rng.next() % (span.as_nanos() as u64 / 2 + 1));
+            let delay = Duration::from_nanos(rng.next_u64() % (span.as_nanos() as u64 / 2 + 1));
             thread::sleep(delay);
             let _ = child.kill();
             if child.wait().unwrap().code().is_none() {

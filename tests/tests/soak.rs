@@ -10,8 +10,10 @@
 
 use std::{
     fs,
+    io::{BufRead as _, BufReader},
     net::SocketAddr,
     process::{Child, Stdio},
+    sync::{Arc, Mutex},
     thread,
     time::{Duration, Instant},
 };
@@ -20,7 +22,13 @@ use aya::{
     maps::{MapInfo, loaded_maps},
     programs::{loaded_links, loaded_programs},
 };
-use imq_tests::{NetNs, Pair, check::show, imqctl_path, require_root, udp::udp_flow_loss, unique_id};
+use imq_tests::{
+    NetNs, Pair,
+    check::{dev_rx, device_state, show},
+    imqctl_path, require_root,
+    udp::{udp_flow, udp_flow_loss},
+    unique_id,
+};
 
 fn rule_file(dev: &str, base: u16) -> String {
     let mut t = format!("[[rule]]\ninterface = \"s0\"\nprio = 10\nproto = \"udp\"\ndport = 5320\ndev = \"{dev}\"\n");
@@ -104,14 +112,25 @@ fn soak() {
     let file = std::env::temp_dir().join(format!("imq-soak-{}.toml", unique_id()));
     fs::write(&file, &a).unwrap();
     let imqctl = imqctl_path().unwrap();
-    let watch = Watch(
+    let mut watch = Watch(
         s.command(imqctl.to_str().unwrap())
             .args(["watch", "-f", file.to_str().unwrap()])
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(Stdio::piped())
             .spawn()
             .unwrap(),
     );
+    // watch's log, each line with when it came, to put beside a loss.
+    let watch_log: Arc<Mutex<Vec<(Instant, String)>>> = Arc::default();
+    {
+        let stderr = watch.0.stderr.take().unwrap();
+        let log = Arc::clone(&watch_log);
+        thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                log.lock().unwrap().push((Instant::now(), line));
+            }
+        });
+    }
     let settle = || thread::sleep(Duration::from_millis(1500));
     settle();
     s.imqctl_ok(&["dev", "add", "imq1"]);
@@ -133,39 +152,124 @@ fn soak() {
         // SAFETY: kill(2) of our own child.
         unsafe { libc::kill(w.0.id() as libc::pid_t, libc::SIGHUP) };
     };
-    let (mut switches, mut deletions, mut flaps, mut iface_flaps) = (0u64, 0u64, 0u64, 0u64);
+    // What happened when, to put each lost packet beside the event before it.
+    let mut events: Vec<(Instant, &str)> = Vec::new();
     let addr: SocketAddr = format!("{}:5320", pair.server_v4()).parse().unwrap();
-    let (sent, received, lost) = udp_flow_loss(c, s, addr, 2_000, Duration::from_secs(seconds), || {
+    let flow = udp_flow(c, s, addr, 2_000, Duration::from_secs(seconds), || {
         let end = Instant::now() + Duration::from_secs(seconds.saturating_sub(3));
         let mut i = 0u64;
         while Instant::now() < end {
             i += 1;
-            fs::write(&file, if i.is_multiple_of(2) { &a } else { &b }).unwrap();
+            let to_imq0 = i.is_multiple_of(2);
+            fs::write(&file, if to_imq0 { &a } else { &b }).unwrap();
             hup(&watch);
-            switches += 1;
+            events.push((
+                Instant::now(),
+                if to_imq0 { "switch to imq0" } else { "switch to imq1" },
+            ));
             thread::sleep(Duration::from_millis(400));
             // Without the device hook a device deleted or taken down behind imq's
             // back drops what is sent to it until watch hears of it (README, Limits):
             // that is measured where the hook runs.
             if tracks && i.is_multiple_of(7) {
+                events.push((
+                    Instant::now(),
+                    if to_imq0 {
+                        "imq1 deleted (idle)"
+                    } else {
+                        "imq1 deleted (in use)"
+                    },
+                ));
                 let _ = s.ip(&["link", "del", "imq1"]);
-                deletions += 1;
             }
             if tracks && i.is_multiple_of(5) {
+                events.push((
+                    Instant::now(),
+                    if to_imq0 {
+                        "imq0 down (in use)"
+                    } else {
+                        "imq0 down (idle)"
+                    },
+                ));
                 s.ip(&["link", "set", "imq0", "down"]).unwrap();
                 thread::sleep(Duration::from_millis(200));
+                events.push((
+                    Instant::now(),
+                    if to_imq0 { "imq0 up (in use)" } else { "imq0 up (idle)" },
+                ));
                 s.ip(&["link", "set", "imq0", "up"]).unwrap();
-                flaps += 1;
             }
             if i.is_multiple_of(3) {
+                events.push((Instant::now(), "s1 down and up"));
                 s.ip(&["link", "set", "s1", "down"]).unwrap();
                 s.ip(&["link", "set", "s1", "up"]).unwrap();
-                iface_flaps += 1;
             }
             thread::sleep(Duration::from_millis(400));
         }
     })
     .unwrap();
+    let (sent, lost) = (flow.sent, flow.lost.len() as u64);
+    // Each loss, by the event before it: (kind, events, packets lost, most in one).
+    let mut by_kind: Vec<(&str, u64, u64, u64)> = Vec::new();
+    let mut per_event = vec![0u64; events.len()];
+    let mut before_any = 0u64;
+    for t in &flow.lost {
+        match events.iter().rposition(|(at, _)| at <= t) {
+            Some(e) => per_event[e] += 1,
+            None => before_any += 1,
+        }
+    }
+    for ((_, kind), n) in events.iter().zip(&per_event) {
+        match by_kind.iter_mut().find(|k| k.0 == *kind) {
+            Some(k) => {
+                k.1 += 1;
+                k.2 += n;
+                k.3 = k.3.max(*n);
+            }
+            None => by_kind.push((kind, 1, *n, *n)),
+        }
+    }
+    let count = |k: &str| events.iter().filter(|(_, e)| e.starts_with(k)).count();
+    let (switches, deletions, flaps, iface_flaps) =
+        (count("switch"), count("imq1 deleted"), count("imq0 down"), count("s1"));
+    eprintln!("soak: lost packets by the event before them (events, packets lost, most after one):");
+    for (kind, events, n, most) in &by_kind {
+        eprintln!("soak:   {kind:<22} {events:>5} {n:>6} {most:>5}");
+    }
+    if before_any > 0 {
+        eprintln!("soak:   before any event {before_any:>12}");
+    }
+    // Each burst of consecutive losses, with what happened from a second before it.
+    let mut bursts: Vec<(Instant, Instant, usize)> = Vec::new();
+    for &t in &flow.lost {
+        match bursts.last_mut() {
+            Some((_, last, n)) if t.duration_since(*last) < Duration::from_millis(2) => {
+                *last = t;
+                *n += 1;
+            }
+            _ => bursts.push((t, t, 1)),
+        }
+    }
+    let at = |t: Instant| t.duration_since(flow.start).as_secs_f64();
+    let watch_lines = watch_log.lock().unwrap().clone();
+    for (first, last, n) in bursts.iter().take(12) {
+        eprintln!(
+            "soak: {n} lost, sent from {:.4} s to {:.4} s; before and during:",
+            at(*first),
+            at(*last)
+        );
+        let from = first.checked_sub(Duration::from_secs(1)).unwrap_or(flow.start);
+        let mut around: Vec<(Instant, String)> = events
+            .iter()
+            .map(|(t, e)| (*t, format!("soak: {e}")))
+            .chain(watch_lines.iter().map(|(t, l)| (*t, format!("watch: {l}"))))
+            .filter(|(t, _)| *t >= from && *t <= *last)
+            .collect();
+        around.sort_by_key(|(t, _)| *t);
+        for (t, what) in around {
+            eprintln!("soak:     {:.4} s {what}", at(t));
+        }
+    }
     // Back to the first file, then the same state as at the start.
     fs::write(&file, &a).unwrap();
     hup(&watch);
@@ -174,15 +278,35 @@ fn soak() {
         s.imqctl_ok(&["dev", "add", "imq1"]);
         settle();
     }
+    // Shaping is back where it was: the flow goes through imq0 again, whole.
+    let (rx_before, _) = dev_rx(s, "imq0");
+    let (end_sent, end_received, end_lost) = udp_flow_loss(c, s, addr, 2_000, Duration::from_secs(1), || {}).unwrap();
+    let (rx_after, _) = dev_rx(s, "imq0");
+    let status = show(s);
+    let states = (device_state(&status, "imq0"), device_state(&status, "imq1"));
+    eprintln!(
+        "soak: after: a flow of {end_sent}, {end_received} received, {} through imq0; imq0 {}, imq1 {}",
+        rx_after - rx_before,
+        states.0,
+        states.1
+    );
     let entries_after = map_entries(s);
     let objects_after = kernel_objects();
     drop(watch);
     let _ = fs::remove_file(&file);
     eprintln!(
         "soak: {switches} rule set switches, {deletions} imq1 deletions, {flaps} imq0 flaps, {iface_flaps} s1 flaps; \
-         flow sent {sent}, received {received}, lost {lost}; maps {entries_after:?}; objects {objects_after:?}"
+         flow sent {sent}, received {}, lost {lost}; maps {entries_after:?}; objects {objects_after:?}",
+        sent - lost
     );
     assert_eq!(lost, 0, "packets lost");
+    assert_eq!(end_lost, 0, "packets lost after the soak");
+    assert!(rx_after - rx_before >= end_sent, "the flow no longer goes through imq0");
+    assert_eq!(
+        states,
+        ("up".to_owned(), "up".to_owned()),
+        "imq devices not up after the soak"
+    );
     assert_eq!(entries_after, entries_before, "map entries grew");
     assert!(
         objects_after.0 <= objects_before.0

@@ -80,6 +80,10 @@ enum Task {
     Soak {
         #[arg(long, default_value_t = 30)]
         minutes: u64,
+        /// Run it in a VM of this kernel (bullseye, bookworm or trixie), where the
+        /// device hook runs and imq devices are deleted and flapped too
+        #[arg(long)]
+        kernel: Option<String>,
     },
     /// cargo fmt --check and clippy -D warnings on the host and eBPF crates
     Lint,
@@ -213,6 +217,7 @@ fn main() -> ExitCode {
                 suites,
                 filter,
                 timeout: std::time::Duration::from_secs(timeout_minutes * 60),
+                soak_seconds: None,
             })
         }),
         Task::VmBench {
@@ -228,7 +233,18 @@ fn main() -> ExitCode {
             from_log: None,
         } => build().and_then(|()| bufferbloat::run(&kernel, seconds, rounds, None)),
         Task::Fuzz { minutes, seed } => fuzz(minutes, seed),
-        Task::Soak { minutes } => build().and_then(|()| {
+        Task::Soak {
+            minutes,
+            kernel: Some(kernel),
+        } => build().and_then(|()| {
+            vm::run_tests(&vm::Options {
+                suites: vec![kernel],
+                filter: None,
+                timeout: std::time::Duration::from_secs((minutes + 20) * 60),
+                soak_seconds: Some(minutes * 60),
+            })
+        }),
+        Task::Soak { minutes, kernel: None } => build().and_then(|()| {
             run(cargo()
                 .args(["test", "--release", "--package", "imq-tests", "--test", "soak"])
                 .env("IMQCTL", imqctl_path())

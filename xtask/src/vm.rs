@@ -103,6 +103,8 @@ pub struct Options {
     pub filter: Option<String>,
     /// Per kernel, from boot to power-off.
     pub timeout: Duration,
+    /// Run the soak (for this many seconds) instead of the suite.
+    pub soak_seconds: Option<u64>,
 }
 
 /// What one kernel's run counted.
@@ -139,12 +141,12 @@ pub fn run_tests(opts: &Options) -> Result<()> {
     let names: Vec<String> = binaries
         .iter()
         .map(|(n, _)| n.clone())
-        .filter(|n| n != "soak")
+        .filter(|n| (n == "soak") == opts.soak_seconds.is_some())
         .collect();
     build_base(
         &work.join("base"),
         &binaries,
-        &init_script(&names, opts.filter.as_deref()),
+        &init_script(&names, opts.filter.as_deref(), opts.soak_seconds),
         &base,
     )?;
 
@@ -590,11 +592,14 @@ fn libs_for(tree: &Tree, p: &Path) -> Result<()> {
 /// The guest's init: mounts, runs each test binary (ignored tests too: those that
 /// need what only these kernels have; with their output, so that the log holds every
 /// rate measured on each kernel), reports, powers off.
-fn init_script(tests: &[String], filter: Option<&str>) -> String {
+fn init_script(tests: &[String], filter: Option<&str>, soak_seconds: Option<u64>) -> String {
     let filter = filter
         .map(|f| format!(" '{}'", f.replace('\'', "")))
         .unwrap_or_default();
     let mut s = init_preamble();
+    if let Some(seconds) = soak_seconds {
+        s.push_str(&format!("export IMQ_SOAK_SECONDS={seconds}\n"));
+    }
     for t in tests {
         let run = format!(
             "echo \"IMQ-VM-RUN {t}\"\nIMQCTL=/imq/imqctl IMQ_EMULATED=1 RUST_BACKTRACE=1 /imq/tests/{t} --test-threads=1 --include-ignored --nocapture{filter}\necho \"IMQ-VM-EXIT {t} $?\"\n"

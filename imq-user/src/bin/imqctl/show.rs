@@ -116,6 +116,12 @@ pub fn render(status: &Status) -> String {
                 "dev {} ifindex {} down, and its traffic is DROPPED: `ip link set {} up`, or `imqctl dev add {}` to pass it unshaped",
                 d.name, d.ifindex, d.name, d.name
             );
+        } else if d.state == "up-bypassed" {
+            let _ = writeln!(
+                out,
+                "dev {} ifindex {} up, but imq does not send to it (its traffic passes unshaped): `imqctl dev add {}`",
+                d.name, d.ifindex, d.name
+            );
         } else if d.state == "down" {
             let _ = writeln!(
                 out,
