@@ -393,9 +393,12 @@ impl Imq {
     /// from a fresh read of the links and read again after, until the two agree: the
     /// device hook may record a device going down or up between a read and a write,
     /// and a write from the older read would undo it (a device marked up while down
-    /// has everything sent to it dropped). The kernel changes a device's state and
-    /// calls the hook in one step under RTNL, which a link dump also takes, so when
-    /// a read after the write agrees with it, any later change is the hook's.
+    /// has everything sent to it dropped). When a read after the write agrees with
+    /// it, any later change is the hook's: the kernel changes a device's state and
+    /// calls the hook in one step under RTNL, which a link dump takes on older
+    /// kernels. Where the dump reads under RCU instead (newer kernels), a read during
+    /// a close can still see the device up; the hook's NETDEV_DOWN, sent once the
+    /// device is marked down, puts the flag right after such a write.
     pub(crate) fn publish_devices(&self, state: &mut State, devs: &[DevName]) -> Result<()> {
         let mut table = Vec::new();
         for &dev in devs {
