@@ -207,6 +207,8 @@ pub struct Flow {
     /// When each packet that never arrived was sent (the flow is paced: packet `seq`
     /// left at `start + seq/pps`).
     pub lost: Vec<Instant>,
+    /// Packets received more than once (a packet looped back into the path would be).
+    pub duplicates: u64,
 }
 
 /// [`udp_flow_loss`], telling when each lost packet was sent, so that a loss can be
@@ -227,16 +229,18 @@ pub fn udp_flow(
         sock.set_read_timeout(Some(Duration::from_millis(1000)))?;
         ready_tx.send(sock.local_addr()?)?;
         let mut seen = vec![false; total as usize];
+        let mut duplicates = 0u64;
         let mut buf = [0u8; 64];
         while let Ok(n) = sock.recv(&mut buf) {
             if n >= 8 {
                 let seq = u64::from_be_bytes(buf[..8].try_into().unwrap());
                 if let Some(s) = seen.get_mut(seq as usize) {
+                    duplicates += u64::from(*s);
                     *s = true;
                 }
             }
         }
-        Ok(seen)
+        Ok((seen, duplicates))
     });
     let addr = ready_rx
         .recv_timeout(Duration::from_secs(5))
@@ -259,7 +263,7 @@ pub fn udp_flow(
     });
     during();
     let start = sender.join().map_err(|_| anyhow::anyhow!("sender panicked"))??;
-    let seen = receiver.join().map_err(|_| anyhow::anyhow!("receiver panicked"))??;
+    let (seen, duplicates) = receiver.join().map_err(|_| anyhow::anyhow!("receiver panicked"))??;
     let lost = seen
         .iter()
         .enumerate()
@@ -270,5 +274,6 @@ pub fn udp_flow(
         sent: total,
         start,
         lost,
+        duplicates,
     })
 }

@@ -4,8 +4,8 @@
 //! (the flow's port into imq0 or imq1, with 500 other rules each) and is reloaded,
 //! a second interface with rules of its own flaps, and, where the kernel allows the
 //! device hook that follows imq devices at once, imq1 is deleted behind imq's back and
-//! imq0 taken down and up. Reconciled at the end: every packet sent was received (nothing
-//! blackholed), and the pinned maps hold as many entries and the kernel as many imq
+//! imq0 taken down and up. Reconciled at the end: every packet sent was received once
+//! (nothing blackholed, nothing looped back into the path), and the pinned maps hold as many entries and the kernel as many imq
 //! programs, maps and links as after the first apply, and watch's resident memory
 //! has not grown.
 
@@ -320,10 +320,12 @@ fn soak() {
     let _ = fs::remove_file(&file);
     eprintln!(
         "soak: {switches} rule set switches, {deletions} imq1 deletions, {flaps} imq0 flaps, {iface_flaps} s1 flaps; \
-         flow sent {sent}, received {}, lost {lost}; maps {entries_after:?}; objects {objects_after:?}",
-        sent - lost
+         flow sent {sent}, received {}, lost {lost}, received twice {}; maps {entries_after:?}; objects {objects_after:?}",
+        sent - lost,
+        flow.duplicates
     );
     assert_eq!(lost, 0, "packets lost");
+    assert_eq!(flow.duplicates, 0, "packets received twice");
     assert_eq!(end_lost, 0, "packets lost after the soak");
     assert!(rx_after - rx_before >= end_sent, "the flow no longer goes through imq0");
     assert_eq!(
