@@ -523,15 +523,24 @@ impl Imq {
         }
     }
 
-    /// Re-points the classic filters of `rules` that send to `dev` at its device as
-    /// the table now has it (mirred forgets a device that was deleted).
-    fn raise_filters_to(&self, state: &mut State, links: &[Link], rules: &[(u32, Rule)], dev: DevName) -> Result<()> {
+    /// Points imq device `dev` at its device `ifindex`, created or re-created: staged
+    /// in the table, the classic filters of `rules` that send to `dev` re-pointed at
+    /// it (mirred forgets a device that was deleted), then published.
+    pub(crate) fn adopt_device(
+        &self,
+        state: &mut State,
+        links: &[Link],
+        rules: &[(u32, Rule)],
+        dev: DevName,
+        ifindex: u32,
+    ) -> Result<()> {
+        stage_device(state, dev, ifindex)?;
         for need in needs(&Self::without_gone(links, rules), self.tcx) {
             if matches!(need, Need::Filter { dev: d, .. } if d == dev) {
                 self.raise(state, links, need)?;
             }
         }
-        Ok(())
+        self.publish_devices(state, &[dev])
     }
 
     /// Undoes [`Self::raise`]. For an interface that is gone only the pin is left to
@@ -692,7 +701,8 @@ impl Imq {
         let shapers: Vec<Shaper> = setup.shapers.iter().map(|(_, s)| s.clone()).collect();
         let applied = self.converge(&mut state, &links, &old, &found, wanted, &shapers)?;
         // The rules' devices were published as they took effect; a `[[device]]` no
-        // rule uses is, here.
+        // rule uses has only this moment (those the rules use are read again, to no
+        // effect).
         let devs: Vec<DevName> = setup.devices.iter().map(|d| d.name).collect();
         if let Err(e) = self.publish_devices(&mut state, &devs) {
             self.warnings.borrow_mut().push(format!(
@@ -910,11 +920,9 @@ impl Imq {
         // Rules that already name this device start using it now; their filters are
         // re-pointed at it (mirred forgets a device that was deleted).
         if let Some(mut state) = locked.open()? {
-            stage_device(&mut state, dev, link.index)?;
             let links = self.nl.links()?;
             let rules = state.rules()?;
-            self.raise_filters_to(&mut state, &links, &rules, dev)?;
-            self.publish_devices(&mut state, &[dev])?;
+            self.adopt_device(&mut state, &links, &rules, dev, link.index)?;
         }
         Ok(created)
     }

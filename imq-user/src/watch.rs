@@ -265,10 +265,8 @@ impl Imq {
                         l.index
                     ));
                     netlink::prepare_imq_device(&l.name);
-                    crate::stage_device(&mut state, dev, l.index)?;
                     seen.insert(dev, (l.index, l.up));
-                    self.raise_filters_to(&mut state, links, &rules, dev)?;
-                    self.publish_devices(&mut state, &[dev])?;
+                    self.adopt_device(&mut state, links, &rules, dev, l.index)?;
                 }
                 Some(l) => {
                     // `links` may be older than the table (the device hook records
