@@ -203,18 +203,52 @@ pub struct Target {
     pub rule_id: u32,
     /// imq device number: the packet goes to `imq{dev}`, resolved through [`DEVICES_MAP`].
     pub dev: u32,
-    /// [`TARGET_SET_MARK`], [`TARGET_SET_PRIORITY`].
+    /// [`TARGET_SET_MARK`], [`TARGET_SET_PRIORITY`], [`TARGET_QUEUE_FIXED`] ...
     pub flags: u32,
     /// skb->mark = (skb->mark & !set_mark_mask) | set_mark_value.
     pub set_mark_value: u32,
     pub set_mark_mask: u32,
     /// skb->priority, a tc classid (MAJOR << 16 | MINOR).
     pub priority: u32,
-    pub _reserved: u32,
+    /// [`TARGET_QUEUE_FIXED`]: the TX queue of the imq device, counted from 1 as `mq`
+    /// numbers its classes.
+    pub queue: u32,
 }
 
 pub const TARGET_SET_MARK: u32 = 1;
 pub const TARGET_SET_PRIORITY: u32 = 2;
+/// Send the packet to TX queue [`Target::queue`] of a multi-queue imq device
+/// (wrapped around the device's queue count).
+pub const TARGET_QUEUE_FIXED: u32 = 4;
+/// Choose the TX queue by a hash of the source address (IPv4: the address; IPv6: its
+/// /64 prefix), so that one subscriber's packets always meet the same qdisc.
+pub const TARGET_QUEUE_SRC: u32 = 8;
+/// As [`TARGET_QUEUE_SRC`], by the destination address.
+pub const TARGET_QUEUE_DST: u32 = 16;
+/// Any of the queue choices.
+pub const TARGET_QUEUE: u32 = TARGET_QUEUE_FIXED | TARGET_QUEUE_SRC | TARGET_QUEUE_DST;
+
+/// The TX queue, from 0, that `t` sends a packet with key `flow` to on a device
+/// with `queues` (> 0) TX queues; the same for every packet of a flow, and, by
+/// address, of a subscriber.
+#[inline(always)]
+pub fn queue_index(t: &Target, flow: &FlowKey, queues: u32) -> u32 {
+    if t.flags & TARGET_QUEUE_FIXED != 0 {
+        let q = t.queue.wrapping_sub(1);
+        return if q < queues { q } else { q % queues };
+    }
+    let a = if t.flags & TARGET_QUEUE_SRC != 0 {
+        &flow.src
+    } else {
+        &flow.dst
+    };
+    // IPv4: the address (the other words are 0). IPv6: the /64 prefix, which a
+    // subscriber's hosts share.
+    let x = a[0] ^ a[1].rotate_left(16);
+    // Fibonacci hashing, then scaled to the queue count without a division.
+    let h = x.wrapping_mul(0x9e37_79b1);
+    ((h as u64 * queues as u64) >> 32) as u32
+}
 
 /// Key of [`RULES_MAP`]: the rules are kept per generation too, so that what imqctl
 /// reports and builds on switches with the data path, in the same write.
@@ -251,7 +285,11 @@ pub struct RuleSpec {
     pub dst_len: u8,
     pub proto: u8,
     pub dscp: u8,
-    pub _reserved: [u8; 3],
+    /// [`SPEC_QUEUE_FIXED`], [`SPEC_QUEUE_SRC`] or [`SPEC_QUEUE_DST`] with
+    /// [`SPEC_QUEUE`] set in `flags`.
+    pub queue_by: u8,
+    /// The queue, counted from 1, for [`SPEC_QUEUE_FIXED`].
+    pub queue: u16,
 }
 
 pub const SPEC_MARK: u32 = 1 << 0;
@@ -263,6 +301,12 @@ pub const SPEC_DPORT: u32 = 1 << 5;
 pub const SPEC_DSCP: u32 = 1 << 6;
 pub const SPEC_SET_MARK: u32 = 1 << 7;
 pub const SPEC_CLASSID: u32 = 1 << 8;
+pub const SPEC_QUEUE: u32 = 1 << 9;
+
+/// [`RuleSpec::queue_by`].
+pub const SPEC_QUEUE_FIXED: u8 = 1;
+pub const SPEC_QUEUE_SRC: u8 = 2;
+pub const SPEC_QUEUE_DST: u8 = 3;
 
 /// Value of [`DEVICES_MAP`], indexed by device number. `ifindex == 0`: no such device;
 /// [`DEVICE_DOWN`] set: the device is down. Either way selected packets pass unshaped.
@@ -275,6 +319,9 @@ pub struct Device {
 
 /// [`Device::flags`]: the device is down; a redirect into it would be dropped.
 pub const DEVICE_DOWN: u32 = 1;
+/// [`Device::flags`] bits from this one up: the device's TX queues (0 when it was
+/// recorded by an imqctl from before multi-queue devices: taken as one).
+pub const DEVICE_QUEUES_SHIFT: u32 = 16;
 
 /// Value of the per-CPU [`COUNTERS_MAP`]: what a rule sent to its imq device.
 #[repr(C)]

@@ -29,11 +29,11 @@ use network_types::{
 };
 
 use imq_common::{
-    Counters, DEVICE_DOWN, DIRECTION_EGRESS, DIRECTION_INGRESS, Device, EntryKey, FLOW_PORTS, FlowKey, Hook, HookKey,
-    MAX_DEVICES, MAX_ENTRIES, MAX_HOOKS, MAX_RULE_IDS, MAX_RULES, MAX_SHAPES, MAX_SNAPLEN, MONITOR_DEV,
-    MONITOR_DIRECTION, MONITOR_IFINDEX, MONITOR_PRIO, MONITOR_RING_BYTES, MONITOR_SELECTED, MONITOR_UNMATCHED,
-    MonitorConfig, MonitorEvent, MonitorState, RuleKey, RuleSpec, TARGET_SET_MARK, TARGET_SET_PRIORITY, Target,
-    VERDICT_BYPASSED, VERDICT_SELECTED, VERDICT_UNMATCHED,
+    Counters, DEVICE_DOWN, DEVICE_QUEUES_SHIFT, DIRECTION_EGRESS, DIRECTION_INGRESS, Device, EntryKey, FLOW_PORTS,
+    FlowKey, Hook, HookKey, MAX_DEVICES, MAX_ENTRIES, MAX_HOOKS, MAX_RULE_IDS, MAX_RULES, MAX_SHAPES, MAX_SNAPLEN,
+    MONITOR_DEV, MONITOR_DIRECTION, MONITOR_IFINDEX, MONITOR_PRIO, MONITOR_RING_BYTES, MONITOR_SELECTED,
+    MONITOR_UNMATCHED, MonitorConfig, MonitorEvent, MonitorState, RuleKey, RuleSpec, TARGET_QUEUE, TARGET_SET_MARK,
+    TARGET_SET_PRIORITY, Target, VERDICT_BYPASSED, VERDICT_SELECTED, VERDICT_UNMATCHED, queue_index,
 };
 
 /// The generation in use (index 0). Only ever 0 or 1, so a reader racing the flip
@@ -233,10 +233,12 @@ fn is_imq_device(ifindex: u32) -> bool {
     ifindex != 0 && unsafe { IFINDEXES.get(ifindex) }.is_some()
 }
 
-/// What the first matching rule decided, and the ifindex of its imq device.
+/// What the first matching rule decided, the ifindex of its imq device, and the
+/// device's TX queue it chose, plus one (0: the kernel chooses).
 struct Selection {
     target: Target,
     ifindex: u32,
+    queue: u32,
 }
 
 /// What classification decided.
@@ -260,7 +262,7 @@ const NO_RULE: Target = Target {
     set_mark_value: 0,
     set_mark_mask: 0,
     priority: 0,
-    _reserved: 0,
+    queue: 0,
 };
 
 /// The rule's actions, on a packet that is being sent to its imq device.
@@ -276,6 +278,11 @@ fn act(ctx: &TcContext, sel: &Selection) {
         }
         if t.flags & TARGET_SET_PRIORITY != 0 {
             (*skb).priority = t.priority;
+        }
+        // Read as the recorded RX queue, plus one, by the imq device's queue choice
+        // (netdev_pick_tx, skb_tx_hash): the packet goes to TX queue `queue - 1`.
+        if sel.queue != 0 {
+            (*skb).queue_mapping = sel.queue;
         }
     }
     count(t.rule_id, ctx.len());
@@ -319,9 +326,16 @@ fn select(ctx: &TcContext, direction: u32, watched: bool) -> Outcome {
     if dev.ifindex == 0 || dev.flags & DEVICE_DOWN != 0 || !device_exists(ctx, dev.ifindex) {
         return Outcome::Bypassed(target);
     }
+    let queues = dev.flags >> DEVICE_QUEUES_SHIFT;
+    let queue = if target.flags & TARGET_QUEUE != 0 && queues > 1 {
+        queue_index(&target, &flow, queues) + 1
+    } else {
+        0
+    };
     Outcome::Selected(Selection {
         target,
         ifindex: dev.ifindex,
+        queue,
     })
 }
 

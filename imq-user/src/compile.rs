@@ -5,13 +5,13 @@
 use std::collections::{BTreeMap, HashMap};
 
 use imq_common::{
-    EntryKey, FLOW_PORTS, FlowKey, Hook, HookKey, MAX_ENTRIES, MAX_SHAPES, Shape, TARGET_SET_MARK, TARGET_SET_PRIORITY,
-    Target,
+    EntryKey, FLOW_PORTS, FlowKey, Hook, HookKey, MAX_ENTRIES, MAX_SHAPES, Shape, TARGET_QUEUE_DST, TARGET_QUEUE_FIXED,
+    TARGET_QUEUE_SRC, TARGET_SET_MARK, TARGET_SET_PRIORITY, Target,
 };
 
 use crate::{
     error::{Error, Result},
-    rule::{Direction, Rule},
+    rule::{Direction, Queue, Rule},
 };
 
 /// Entries one generation may use: half the map, the other half is the other one.
@@ -112,6 +112,12 @@ fn target(id: u32, rule: &Rule) -> Target {
     if let Some(c) = rule.actions.classid {
         t.flags |= TARGET_SET_PRIORITY;
         t.priority = c.0;
+    }
+    match rule.actions.queue {
+        Some(Queue::Fixed(n)) => (t.flags, t.queue) = (t.flags | TARGET_QUEUE_FIXED, n.into()),
+        Some(Queue::Src) => t.flags |= TARGET_QUEUE_SRC,
+        Some(Queue::Dst) => t.flags |= TARGET_QUEUE_DST,
+        None => {}
     }
     t
 }

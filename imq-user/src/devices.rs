@@ -69,7 +69,7 @@ impl Imq {
             if same {
                 continue;
             }
-            let scratch = self.nl.add_ifb(SCRATCH, d.txqueuelen)?;
+            let scratch = self.nl.add_ifb(SCRATCH, d.txqueuelen, d.queues)?;
             let tried = tc_batch(SCRATCH, &d.qdisc);
             let _ = self.nl.del_link(scratch.index);
             tried.map_err(|e| Error::RuleFile {
@@ -101,6 +101,13 @@ impl Imq {
                         kind: l.kind.clone().unwrap_or_else(|| l.link_type.clone()),
                     });
                 }
+                Some(l) if l.queues != d.queues => {
+                    return Err(Error::QueuesDiffer {
+                        dev: name,
+                        has: l.queues,
+                        wanted: d.queues,
+                    });
+                }
                 Some(l) => {
                     netlink::prepare_imq_device(&l.name);
                     if l.txqueuelen != d.txqueuelen {
@@ -111,13 +118,14 @@ impl Imq {
                     }
                     l.clone()
                 }
-                None => self.nl.add_ifb(&name, d.txqueuelen)?,
+                None => self.nl.add_ifb(&name, d.txqueuelen, d.queues)?,
             };
             // Published once what sends to it points at it (`apply`).
             crate::stage_device(state, d.name, link.index)?;
             let want = DeviceSetup {
                 ifindex: link.index,
                 txqueuelen: d.txqueuelen,
+                queues: d.queues,
                 qdisc: d.qdisc.clone(),
             };
             let before = applied.iter().find(|(n, _)| *n == d.name.0).map(|(_, s)| s);
@@ -163,6 +171,7 @@ impl Imq {
                 line: 0,
                 name: DevName(n),
                 txqueuelen: s.txqueuelen,
+                queues: s.queues,
                 qdisc: s.qdisc,
             })
             .collect())

@@ -22,6 +22,11 @@ pub enum Error {
     InvalidDirection(String),
     #[error("invalid txqueuelen {0}: use 1000 or more, ifb's default of 32 drops bursts")]
     InvalidTxQueueLen(u32),
+    #[error(
+        "{dev} exists with {has} TX queue(s), not {wanted}: queues are set when a device is created; \
+         delete it (its rules bypass it meanwhile) and add it again"
+    )]
+    QueuesDiffer { dev: String, has: u32, wanted: u32 },
     #[error("no interface '{}' in this network namespace", shown(.0))]
     NoSuchInterface(String),
     #[error("{0} is an imq device: attach the interfaces whose traffic it should shape")]

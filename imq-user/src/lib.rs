@@ -89,6 +89,8 @@ pub struct DeviceStatus {
     /// `imqctl dev add`).
     pub state: &'static str,
     pub txqueuelen: u32,
+    /// TX queues: more than one spreads shaping over CPUs (`mq`, rules' `queue`).
+    pub queues: u32,
     /// Its qdiscs with their counters, root first: what shapes its traffic.
     pub qdiscs: Vec<QdiscStats>,
 }
@@ -232,7 +234,7 @@ const PUBLISH_TRIES: usize = 8;
 /// has is left as it is.
 pub(crate) fn stage_device(state: &mut State, dev: DevName, ifindex: u32) -> Result<()> {
     if state.device(dev.0)?.ifindex != ifindex {
-        state.set_device(dev.0, ifindex, false)?;
+        state.set_device(dev.0, ifindex, false, 0)?;
     }
     Ok(())
 }
@@ -368,7 +370,7 @@ impl Imq {
                         l.clone()
                     }
                     None => {
-                        let l = self.nl.add_ifb(&dev.to_string(), DEFAULT_TXQUEUELEN)?;
+                        let l = self.nl.add_ifb(&dev.to_string(), DEFAULT_TXQUEUELEN, 1)?;
                         created.push(l.index);
                         l
                     }
@@ -410,17 +412,23 @@ impl Imq {
         if table.is_empty() {
             return Ok(());
         }
-        let read = || -> Result<Vec<bool>> {
+        // Up or not, and the TX queues, of each device.
+        let read = || -> Result<Vec<(bool, u32)>> {
             let links = self.nl.links()?;
             Ok(table
                 .iter()
-                .map(|(_, i)| links.iter().any(|l| l.index == *i && l.up))
+                .map(|(_, i)| {
+                    links
+                        .iter()
+                        .find(|l| l.index == *i)
+                        .map_or((false, 0), |l| (l.up, l.queues))
+                })
                 .collect())
         };
         let mut up = read()?;
         for _ in 0..PUBLISH_TRIES {
-            for ((dev, ifindex), up) in table.iter().zip(&up) {
-                state.set_device(dev.0, *ifindex, *up)?;
+            for ((dev, ifindex), (up, queues)) in table.iter().zip(&up) {
+                state.set_device(dev.0, *ifindex, *up, *queues)?;
             }
             let now = read()?;
             if now == up {
@@ -807,6 +815,7 @@ impl Imq {
                 ifindex: l.index,
                 state: if l.up { "up" } else { "down" },
                 txqueuelen: l.txqueuelen,
+                queues: l.queues,
                 qdiscs: stats_of(l.index),
             });
         }
@@ -871,6 +880,7 @@ impl Imq {
                     ifindex: 0,
                     state: "missing",
                     txqueuelen: 0,
+                    queues: 0,
                     qdiscs: Vec::new(),
                 }),
             }
@@ -905,17 +915,27 @@ impl Imq {
 
     /// Creates an imq device (or adopts an existing ifb of that name). Returns whether
     /// it was created.
-    pub fn dev_add(&mut self, dev: DevName, txqueuelen: u32) -> Result<bool> {
+    /// Creates imq device `dev` with `txqueuelen` and `queues` TX queues, or adopts
+    /// it if it exists (with that many queues: they are fixed when a device is
+    /// created). Returns whether it was created.
+    pub fn dev_add(&mut self, dev: DevName, txqueuelen: u32, queues: u32) -> Result<bool> {
         if txqueuelen == 0 {
             return Err(Error::InvalidTxQueueLen(txqueuelen));
         }
         let locked = State::lock(self.bpffs())?;
         let (link, created) = match self.existing_dev(dev)? {
+            Some(l) if l.queues != queues => {
+                return Err(Error::QueuesDiffer {
+                    dev: l.name,
+                    has: l.queues,
+                    wanted: queues,
+                });
+            }
             Some(l) => {
                 netlink::prepare_imq_device(&l.name);
                 (l, false)
             }
-            None => (self.nl.add_ifb(&dev.to_string(), txqueuelen)?, true),
+            None => (self.nl.add_ifb(&dev.to_string(), txqueuelen, queues)?, true),
         };
         // Rules that already name this device start using it now; their filters are
         // re-pointed at it (mirred forgets a device that was deleted).
@@ -938,7 +958,7 @@ impl Imq {
             if rules > 0 {
                 return Err(Error::DeviceInUse { dev: name, rules });
             }
-            state.set_device(dev.0, 0, true)?;
+            state.set_device(dev.0, 0, true, 0)?;
         }
         self.nl.del_link(link.index)
     }

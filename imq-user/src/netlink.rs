@@ -40,6 +40,8 @@ pub struct Link {
     pub is_ether: bool,
     pub up: bool,
     pub txqueuelen: u32,
+    /// TX queues (IFLA_NUM_TX_QUEUES; 1 where the kernel does not say).
+    pub queues: u32,
 }
 
 impl Link {
@@ -52,11 +54,13 @@ impl Link {
             is_ether: u16::from(msg.header.link_layer_type) == libc::ARPHRD_ETHER,
             up: msg.header.flags.contains(LinkFlags::Up),
             txqueuelen: 0,
+            queues: 1,
         };
         for attr in &msg.attributes {
             match attr {
                 LinkAttribute::IfName(n) => link.name.clone_from(n),
                 LinkAttribute::TxQueueLen(q) => link.txqueuelen = *q,
+                LinkAttribute::NumTxQueues(q) => link.queues = (*q).max(1),
                 LinkAttribute::LinkInfo(infos) => {
                     for info in infos {
                         if let LinkInfo::Kind(kind) = info {
@@ -133,11 +137,15 @@ impl Netlink {
         Ok(self.links()?.into_iter().find(|l| l.index == index))
     }
 
-    /// Creates an ifb device with the given txqueuelen and brings it up, prepared as
-    /// an imq device ([`prepare_imq_device`]).
-    pub fn add_ifb(&self, name: &str, txqueuelen: u32) -> Result<Link> {
+    /// Creates an ifb device with the given txqueuelen and TX (and RX) queues and
+    /// brings it up, prepared as an imq device ([`prepare_imq_device`]).
+    pub fn add_ifb(&self, name: &str, txqueuelen: u32, queues: u32) -> Result<Link> {
         let added = self.rt.block_on(async {
-            let msg = LinkIfb::new(name).txqueuelen(txqueuelen).build();
+            let mut msg = LinkIfb::new(name).txqueuelen(txqueuelen).build();
+            if queues > 1 {
+                msg.attributes.push(LinkAttribute::NumTxQueues(queues));
+                msg.attributes.push(LinkAttribute::NumRxQueues(queues));
+            }
             self.handle.link().add(msg).execute().await
         });
         if let Err(e) = added {

@@ -10,7 +10,8 @@ use std::{
 
 use imq_common::{
     DIRECTION_EGRESS, DIRECTION_INGRESS, MAX_DEVICES, RuleSpec, SPEC_CLASSID, SPEC_DPORT, SPEC_DSCP, SPEC_DST,
-    SPEC_MARK, SPEC_PROTO, SPEC_SET_MARK, SPEC_SPORT, SPEC_SRC,
+    SPEC_MARK, SPEC_PROTO, SPEC_QUEUE, SPEC_QUEUE_DST, SPEC_QUEUE_FIXED, SPEC_QUEUE_SRC, SPEC_SET_MARK, SPEC_SPORT,
+    SPEC_SRC,
 };
 use serde::Serialize;
 
@@ -476,6 +477,48 @@ impl fmt::Display for ClassId {
     }
 }
 
+/// Which TX queue of a multi-queue imq device a rule's packets go to: a fixed one
+/// (counted from 1, as `mq` numbers its classes: queue 2 is class `:2`), or one
+/// chosen by a hash of the source or destination address (IPv6: of its /64
+/// prefix), so that each subscriber's packets always meet the same qdisc. Either way
+/// a flow keeps to one queue, so queueing does not reorder it. On a device with one
+/// queue it does nothing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Queue {
+    Fixed(u16),
+    Src,
+    Dst,
+}
+
+impl FromStr for Queue {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "src" => Ok(Self::Src),
+            "dst" => Ok(Self::Dst),
+            n => match n.parse::<u16>() {
+                Ok(q) if q >= 1 => Ok(Self::Fixed(q)),
+                _ => Err(Error::Invalid {
+                    what: "queue",
+                    input: s.to_owned(),
+                    reason: "expected a queue number from 1 (mq's class :1) to 65535, src or dst",
+                }),
+            },
+        }
+    }
+}
+
+impl fmt::Display for Queue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Fixed(q) => write!(f, "{q}"),
+            Self::Src => f.write_str("src"),
+            Self::Dst => f.write_str("dst"),
+        }
+    }
+}
+
 macro_rules! serialize_as_display {
     ($($t:ty),*) => {$(
         impl Serialize for $t {
@@ -485,7 +528,7 @@ macro_rules! serialize_as_display {
         }
     )*};
 }
-serialize_as_display!(Mark, Prefix, PortRange, Proto, ClassId);
+serialize_as_display!(Mark, Prefix, PortRange, Proto, ClassId, Queue);
 
 impl Serialize for Dscp {
     fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
@@ -593,10 +636,13 @@ pub struct Actions {
     pub set_mark: Option<Mark>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub classid: Option<ClassId>,
+    /// The TX queue of a multi-queue imq device.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub queue: Option<Queue>,
 }
 
 /// Sets the match field or action named `key`, as rule files name them (`mark`,
-/// `src`, `dst`, `proto`, `sport`, `dport`, `dscp`, `set_mark`, `classid`), from its
+/// `src`, `dst`, `proto`, `sport`, `dport`, `dscp`, `set_mark`, `classid`, `queue`), from its
 /// text.
 pub fn set_field(matches: &mut Match, actions: &mut Actions, key: &str, value: &str) -> Result<()> {
     match key {
@@ -609,11 +655,12 @@ pub fn set_field(matches: &mut Match, actions: &mut Actions, key: &str, value: &
         "dscp" => matches.dscp = Some(value.parse()?),
         "set_mark" => actions.set_mark = Some(value.parse()?),
         "classid" => actions.classid = Some(value.parse()?),
+        "queue" => actions.queue = Some(value.parse()?),
         _ => {
             return Err(Error::Invalid {
                 what: "field",
                 input: key.to_owned(),
-                reason: "expected mark, src, dst, proto, sport, dport, dscp, set_mark or classid",
+                reason: "expected mark, src, dst, proto, sport, dport, dscp, set_mark, classid or queue",
             });
         }
     }
@@ -679,6 +726,14 @@ impl Rule {
             s.flags |= SPEC_CLASSID;
             s.classid = c.0;
         }
+        if let Some(q) = self.actions.queue {
+            s.flags |= SPEC_QUEUE;
+            (s.queue_by, s.queue) = match q {
+                Queue::Fixed(n) => (SPEC_QUEUE_FIXED, n),
+                Queue::Src => (SPEC_QUEUE_SRC, 0),
+                Queue::Dst => (SPEC_QUEUE_DST, 0),
+            };
+        }
         s
     }
 
@@ -711,6 +766,16 @@ impl Rule {
             actions: Actions {
                 set_mark: mark(has(SPEC_SET_MARK), s.set_mark_value, s.set_mark_mask),
                 classid: has(SPEC_CLASSID).then_some(ClassId(s.classid)),
+                queue: if has(SPEC_QUEUE) {
+                    Some(match s.queue_by {
+                        SPEC_QUEUE_FIXED if s.queue >= 1 => Queue::Fixed(s.queue),
+                        SPEC_QUEUE_SRC => Queue::Src,
+                        SPEC_QUEUE_DST => Queue::Dst,
+                        _ => return None,
+                    })
+                } else {
+                    None
+                },
             },
         })
     }
@@ -957,6 +1022,12 @@ mod tests {
         for bad in ["1", "0:1", "ffff:1", "1:10000", "g:1", ":1"] {
             assert!(bad.parse::<ClassId>().is_err(), "{bad}");
         }
+        assert_eq!("2".parse::<Queue>().unwrap(), Queue::Fixed(2));
+        assert_eq!("dst".parse::<Queue>().unwrap(), Queue::Dst);
+        assert_eq!(Queue::Src.to_string(), "src");
+        for bad in ["0", "65536", "-1", "hash", ""] {
+            assert!(bad.parse::<Queue>().is_err(), "{bad}");
+        }
     }
 
     #[test]
@@ -997,6 +1068,7 @@ mod tests {
             actions: Actions {
                 set_mark: Some(mark("0x100/0xf00")),
                 classid: Some(ClassId(0x10020)),
+                queue: Some(Queue::Fixed(3)),
             },
         }
     }
@@ -1019,6 +1091,16 @@ mod tests {
             ..r
         };
         assert_eq!(Rule::from_spec(&v4.to_spec()), Some(v4));
+        for queue in [Queue::Src, Queue::Dst, Queue::Fixed(65535)] {
+            let q = Rule {
+                actions: Actions {
+                    queue: Some(queue),
+                    ..r.actions
+                },
+                ..r
+            };
+            assert_eq!(Rule::from_spec(&q.to_spec()), Some(q));
+        }
     }
 
     fn new_rule(m: Option<&str>, dev: u32, prio: Option<u32>) -> NewRule {

@@ -64,6 +64,8 @@ pub struct FileDevice {
     pub line: usize,
     pub name: DevName,
     pub txqueuelen: u32,
+    /// TX queues (ifb's numtxqueues), fixed when the device is created.
+    pub queues: u32,
     pub qdisc: Vec<String>,
 }
 
@@ -71,6 +73,9 @@ pub struct FileDevice {
 /// change and to export them): a few hundred classes. Larger setups belong in a
 /// `tc -batch` file of their own.
 pub const MAX_QDISC_SETUP: usize = 32 * 1024 - 16;
+
+/// Most TX queues of an imq device.
+pub const MAX_QUEUES: u32 = 256;
 
 impl FileDevice {
     /// Checks one `qdisc` line: a tc qdisc, class or filter command that adds,
@@ -114,6 +119,7 @@ impl FileDevice {
 struct RawDevice {
     name: String,
     txqueuelen: Option<i64>,
+    queues: Option<i64>,
     #[serde(default)]
     qdisc: Vec<String>,
 }
@@ -130,6 +136,19 @@ impl RawDevice {
                         what: "txqueuelen",
                         input: q.to_string(),
                         reason: "expected 1 to 4294967295 (1000 or more: ifb's default of 32 drops bursts)",
+                    });
+                }
+            },
+        };
+        let queues = match self.queues {
+            None => 1,
+            Some(q) => match u32::try_from(q) {
+                Ok(q) if (1..=MAX_QUEUES).contains(&q) => q,
+                _ => {
+                    return Err(Error::Invalid {
+                        what: "queues",
+                        input: q.to_string(),
+                        reason: "expected 1 to 256 TX queues",
                     });
                 }
             },
@@ -152,6 +171,7 @@ impl RawDevice {
             line,
             name,
             txqueuelen,
+            queues,
             qdisc,
         })
     }
@@ -263,6 +283,7 @@ struct RawRule {
     dscp: Option<Scalar>,
     set_mark: Option<Scalar>,
     classid: Option<String>,
+    queue: Option<Scalar>,
 }
 
 /// Line numbers of byte offsets: one pass over the text, then a binary search each.
@@ -382,6 +403,7 @@ fn check(raw: RawRule, line: usize) -> Result<FileRule> {
         ("dscp", text(raw.dscp)),
         ("set_mark", text(raw.set_mark)),
         ("classid", raw.classid),
+        ("queue", text(raw.queue)),
     ];
     for (key, value) in fields {
         if let Some(v) = value {
@@ -459,6 +481,9 @@ pub fn render(rules: &[(String, Rule)], shapers: &[Shaper], devices: &[FileDevic
             "\n[[device]]\nname = \"{}\"\ntxqueuelen = {}\n",
             d.name, d.txqueuelen
         );
+        if d.queues > 1 {
+            let _ = writeln!(out, "queues = {}", d.queues);
+        }
         if !d.qdisc.is_empty() {
             out.push_str("qdisc = [\n");
             for l in &d.qdisc {
@@ -516,6 +541,7 @@ pub fn render(rules: &[(String, Rule)], shapers: &[Shaper], devices: &[FileDevic
         let actions = [
             ("set_mark", r.actions.set_mark.map(|v| v.to_string())),
             ("classid", r.actions.classid.map(|v| v.to_string())),
+            ("queue", r.actions.queue.map(|v| v.to_string())),
         ];
         let fields = m
             .fields()

@@ -392,7 +392,7 @@ impl Imq {
                 && let Some(index) = dev_index(dev)
             {
                 self.nl.del_link(index).map_err(after_commit)?;
-                state.set_device(dev.0, 0, true).map_err(after_commit)?;
+                state.set_device(dev.0, 0, true, 0).map_err(after_commit)?;
             }
         }
         let kept = new

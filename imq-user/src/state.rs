@@ -33,9 +33,10 @@ use aya::{
     },
 };
 use imq_common::{
-    ACTIVE_MAP, COUNTERS_MAP, Counters, DEVICE_DOWN, DEVICES_MAP, Device, EGRESS_PROG, ENTRIES_MAP, EVENTS_MAP,
-    EntryKey, GONE_MAP, HOOKS_MAP, Hook, HookKey, IFINDEXES_MAP, INGRESS_CLS_PROG, INGRESS_PROG, MONITOR_MAP,
-    MONITOR_STATE_MAP, MonitorConfig, NETDEV_EVENT_PROG, RULES_MAP, RuleKey, RuleSpec, Target,
+    ACTIVE_MAP, COUNTERS_MAP, Counters, DEVICE_DOWN, DEVICE_QUEUES_SHIFT, DEVICES_MAP, Device, EGRESS_PROG,
+    ENTRIES_MAP, EVENTS_MAP, EntryKey, GONE_MAP, HOOKS_MAP, Hook, HookKey, IFINDEXES_MAP, INGRESS_CLS_PROG,
+    INGRESS_PROG, MONITOR_MAP, MONITOR_STATE_MAP, MonitorConfig, NETDEV_EVENT_PROG, RULES_MAP, RuleKey, RuleSpec,
+    Target,
 };
 
 use crate::{
@@ -198,6 +199,8 @@ type SetupRecord = [u8; SETUP_BYTES];
 pub struct DeviceSetup {
     pub ifindex: u32,
     pub txqueuelen: u32,
+    /// TX queues the device was created with.
+    pub queues: u32,
     pub qdisc: Vec<String>,
 }
 
@@ -214,18 +217,22 @@ impl DeviceSetup {
         let mut r = Box::new([0u8; SETUP_BYTES]);
         r[0..4].copy_from_slice(&self.ifindex.to_ne_bytes());
         r[4..8].copy_from_slice(&self.txqueuelen.to_ne_bytes());
-        r[8..12].copy_from_slice(&(text.len() as u32).to_ne_bytes());
+        // The text's length, below 2^16, and the queues above (0 in records from
+        // before multi-queue devices: one).
+        let len_queues = text.len() as u32 | (self.queues.min(0xffff) << 16);
+        r[8..12].copy_from_slice(&len_queues.to_ne_bytes());
         r[12..12 + text.len()].copy_from_slice(text.as_bytes());
         Ok(r)
     }
 
     fn decode(r: &SetupRecord) -> Self {
         let word = |i: usize| u32::from_ne_bytes(r[i..i + 4].try_into().unwrap_or_default());
-        let len = (word(8) as usize).min(SETUP_BYTES - 12);
+        let len = ((word(8) & 0xffff) as usize).min(SETUP_BYTES - 12);
         let text = String::from_utf8_lossy(&r[12..12 + len]);
         Self {
             ifindex: word(0),
             txqueuelen: word(4),
+            queues: (word(8) >> 16).max(1),
             qdisc: text.lines().filter(|l| !l.is_empty()).map(str::to_owned).collect(),
         }
     }
@@ -826,8 +833,10 @@ impl State {
 
     /// Points imq device number `dev` at `ifindex` (0: no device, pass unshaped), and
     /// records whether that device is up (the device hooks keep it current after).
-    pub fn set_device(&mut self, dev: u32, ifindex: u32, up: bool) -> Result<()> {
-        let flags = if up { 0 } else { DEVICE_DOWN };
+    /// Records imq device `dev` as `ifindex` (0: none), up or down, with `queues` TX
+    /// queues (0 or 1: the data path leaves the queue to the kernel).
+    pub fn set_device(&mut self, dev: u32, ifindex: u32, up: bool, queues: u32) -> Result<()> {
+        let flags = (if up { 0 } else { DEVICE_DOWN }) | (queues.min(0xffff) << DEVICE_QUEUES_SHIFT);
         let old = self.device(dev)?.ifindex;
         let mut reverse: HashMap<&mut MapData, u32, u32> =
             HashMap::try_from(self.map_mut(IFINDEXES_MAP)?).map_err(|e| Error::bpf(IFINDEXES_MAP, e))?;

@@ -246,7 +246,7 @@ impl Imq {
                     log(format!(
                         "{name} was deleted: its traffic passes unshaped; re-creating it"
                     ));
-                    state.set_device(dev.0, 0, true)?;
+                    state.set_device(dev.0, 0, true, 0)?;
                     deleted = true;
                 }
                 None => deleted = true,

@@ -209,6 +209,8 @@ pub struct Flow {
     pub lost: Vec<Instant>,
     /// Packets received more than once (a packet looped back into the path would be).
     pub duplicates: u64,
+    /// Packets received after one sent later than them.
+    pub reordered: u64,
 }
 
 /// [`udp_flow_loss`], telling when each lost packet was sent, so that a loss can be
@@ -229,18 +231,22 @@ pub fn udp_flow(
         sock.set_read_timeout(Some(Duration::from_millis(1000)))?;
         ready_tx.send(sock.local_addr()?)?;
         let mut seen = vec![false; total as usize];
-        let mut duplicates = 0u64;
+        let (mut duplicates, mut reordered, mut newest) = (0u64, 0u64, None);
         let mut buf = [0u8; 64];
         while let Ok(n) = sock.recv(&mut buf) {
             if n >= 8 {
                 let seq = u64::from_be_bytes(buf[..8].try_into().unwrap());
+                if newest.is_some_and(|n| seq < n) {
+                    reordered += 1;
+                }
+                newest = newest.max(Some(seq));
                 if let Some(s) = seen.get_mut(seq as usize) {
                     duplicates += u64::from(*s);
                     *s = true;
                 }
             }
         }
-        Ok((seen, duplicates))
+        Ok((seen, duplicates, reordered))
     });
     let addr = ready_rx
         .recv_timeout(Duration::from_secs(5))
@@ -263,7 +269,7 @@ pub fn udp_flow(
     });
     during();
     let start = sender.join().map_err(|_| anyhow::anyhow!("sender panicked"))??;
-    let (seen, duplicates) = receiver.join().map_err(|_| anyhow::anyhow!("receiver panicked"))??;
+    let (seen, duplicates, reordered) = receiver.join().map_err(|_| anyhow::anyhow!("receiver panicked"))??;
     let lost = seen
         .iter()
         .enumerate()
@@ -275,5 +281,6 @@ pub fn udp_flow(
         start,
         lost,
         duplicates,
+        reordered,
     })
 }

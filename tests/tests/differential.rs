@@ -223,6 +223,7 @@ fn rule_from(rng: &mut Rng, t: &Template, prio: u32, id: u32) -> Rule {
         actions: Actions {
             set_mark,
             classid: Some(ClassId((1 << 16) | (id + 1))),
+            queue: None,
         },
     }
 }

@@ -9,7 +9,7 @@ use clap::{Args, CommandFactory as _, Parser, Subcommand};
 use imq::{
     AttachRequest, Attached, DEFAULT_TXQUEUELEN, Imq, Options, metrics,
     monitor::{MonitorRequest, PcapWriter},
-    rule::{Actions, ClassId, DevName, Directions, Dscp, Mark, Match, PortRange, Prefix, Proto, Selector},
+    rule::{Actions, ClassId, DevName, Directions, Dscp, Mark, Match, PortRange, Prefix, Proto, Queue, Selector},
     rulefile,
     shaper::{Diffserv, LinkLayer, Rate, Shaper, ShaperQdisc},
     watch::{self, Event, Watch},
@@ -58,6 +58,10 @@ enum Command {
         /// Put the packet in this class of the imq device's HTB/HFSC/... (sets skb->priority)
         #[arg(long, value_parser = parse::<ClassId>, value_name = "MAJOR:MINOR")]
         classid: Option<ClassId>,
+        /// TX queue of a multi-queue imq device: a number from 1 (mq's class :1), or
+        /// src/dst: by a hash of the address (IPv6: its /64), one queue per subscriber
+        #[arg(long, value_parser = parse::<Queue>, value_name = "N|src|dst")]
+        queue: Option<Queue>,
         /// Rule order on this interface and direction, lowest first [default: after the last]
         #[arg(long)]
         prio: Option<u32>,
@@ -207,6 +211,10 @@ enum DevCommand {
         name: DevName,
         #[arg(long, default_value_t = DEFAULT_TXQUEUELEN)]
         txqueuelen: u32,
+        /// TX queues (1 to 256): with `mq` and one qdisc per queue, shaping uses
+        /// as many CPUs; rules choose the queue with --queue
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
+        queues: u16,
     },
     /// Delete an imq device no rule sends traffic to
     Del {
@@ -347,6 +355,7 @@ fn command(imq: &mut Imq, command: Command) -> anyhow::Result<()> {
             matches,
             set_mark,
             classid,
+            queue,
             prio,
         } => {
             let req = AttachRequest {
@@ -354,7 +363,11 @@ fn command(imq: &mut Imq, command: Command) -> anyhow::Result<()> {
                 directions: direction,
                 dev,
                 matches: matches.to_match(),
-                actions: Actions { set_mark, classid },
+                actions: Actions {
+                    set_mark,
+                    classid,
+                    queue,
+                },
                 prio,
             };
             match imq.attach(&req)? {
@@ -487,9 +500,14 @@ fn command(imq: &mut Imq, command: Command) -> anyhow::Result<()> {
             eprintln!("removed the shaper of {interface}: {}", show::shaper_line(&s));
         }
         Command::Dev {
-            command: DevCommand::Add { name, txqueuelen },
+            command:
+                DevCommand::Add {
+                    name,
+                    txqueuelen,
+                    queues,
+                },
         } => {
-            if !imq.dev_add(name, txqueuelen)? {
+            if !imq.dev_add(name, txqueuelen, queues.into())? {
                 eprintln!("{name} already exists");
             }
         }

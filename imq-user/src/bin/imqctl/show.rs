@@ -129,11 +129,15 @@ pub fn render(status: &Status) -> String {
                 d.name, d.ifindex
             );
         } else {
-            let _ = writeln!(
+            let _ = write!(
                 out,
                 "dev {} ifindex {} {} txqueuelen {}",
                 d.name, d.ifindex, d.state, d.txqueuelen
             );
+            if d.queues > 1 {
+                let _ = write!(out, " queues {}", d.queues);
+            }
+            out.push('\n');
         }
         for q in &d.qdiscs {
             qdisc_lines(&mut out, "  ", q);
@@ -147,6 +151,9 @@ pub fn render(status: &Status) -> String {
         }
         if let Some(c) = r.actions.classid {
             let _ = write!(out, " classid {c}");
+        }
+        if let Some(q) = r.actions.queue {
+            let _ = write!(out, " queue {q}");
         }
         let _ = write!(out, " packets {} bytes {}", r.packets, r.bytes);
         if r.attached {
