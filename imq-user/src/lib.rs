@@ -915,27 +915,30 @@ impl Imq {
 
     /// Creates an imq device (or adopts an existing ifb of that name). Returns whether
     /// it was created.
-    /// Creates imq device `dev` with `txqueuelen` and `queues` TX queues, or adopts
-    /// it if it exists (with that many queues: they are fixed when a device is
-    /// created). Returns whether it was created.
-    pub fn dev_add(&mut self, dev: DevName, txqueuelen: u32, queues: u32) -> Result<bool> {
+    /// Creates imq device `dev` with `txqueuelen` and `queues` TX queues (default
+    /// one), or adopts it if it exists (with as many queues, when given: they are
+    /// fixed when a device is created). Returns whether it was created.
+    pub fn dev_add(&mut self, dev: DevName, txqueuelen: u32, queues: Option<u32>) -> Result<bool> {
         if txqueuelen == 0 {
             return Err(Error::InvalidTxQueueLen(txqueuelen));
         }
         let locked = State::lock(self.bpffs())?;
         let (link, created) = match self.existing_dev(dev)? {
-            Some(l) if l.queues != queues => {
+            Some(l) if queues.is_some_and(|q| q != l.queues) => {
                 return Err(Error::QueuesDiffer {
                     dev: l.name,
                     has: l.queues,
-                    wanted: queues,
+                    wanted: queues.unwrap_or(1),
                 });
             }
             Some(l) => {
                 netlink::prepare_imq_device(&l.name);
                 (l, false)
             }
-            None => (self.nl.add_ifb(&dev.to_string(), txqueuelen, queues)?, true),
+            None => (
+                self.nl.add_ifb(&dev.to_string(), txqueuelen, queues.unwrap_or(1))?,
+                true,
+            ),
         };
         // Rules that already name this device start using it now; their filters are
         // re-pointed at it (mirred forgets a device that was deleted).

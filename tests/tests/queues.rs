@@ -154,6 +154,63 @@ fn fixed_and_per_subscriber_queues() {
     assert_eq!(flow.lost.len(), 0, "packets of one flow lost");
 }
 
+/// Egress (clsact + cls_bpf + mirred on every kernel): a fixed queue takes all of its
+/// rule's packets, and a `dst` rule's subscriber the queue the hash names.
+#[test]
+fn egress_queues() {
+    require_root();
+    let pair = Pair::new("queuese").unwrap();
+    let c = &pair.client;
+    c.imqctl_ok(&["dev", "add", "imq1", "--queues", "2"]);
+    c.tc(&["qdisc", "replace", "dev", "imq1", "root", "handle", "100:", "mq"])
+        .unwrap();
+    for k in 1..=2 {
+        let (parent, handle) = (format!("100:{k}"), format!("{k}:"));
+        c.tc(&[
+            "qdisc", "add", "dev", "imq1", "parent", &parent, "handle", &handle, "pfifo",
+        ])
+        .unwrap();
+    }
+    let server = pair.server_v4();
+    let by_queue = || {
+        std::thread::sleep(Duration::from_millis(200));
+        [qdisc_packets(c, "imq1", "1:"), qdisc_packets(c, "imq1", "2:")]
+    };
+    c.imqctl_ok(&[
+        "attach", "c0", "-d", "egress", "--dev", "imq1", "--proto", "udp", "--queue", "2",
+    ]);
+    send_udp(c, &server, 1);
+    let before = by_queue();
+    send_udp(c, &server, 300);
+    let after = by_queue();
+    assert_eq!([after[0] - before[0], after[1] - before[1]], [0, 300], "queue 2's rule");
+
+    c.imqctl_ok(&["detach", "c0", "-d", "egress"]);
+    c.imqctl_ok(&[
+        "attach", "c0", "-d", "egress", "--dev", "imq1", "--proto", "udp", "--queue", "dst",
+    ]);
+    let octets = server.parse::<std::net::Ipv4Addr>().unwrap().octets();
+    let flow = FlowKey {
+        dst: [u32::from_ne_bytes(octets), 0, 0, 0],
+        ..FlowKey::default()
+    };
+    let hashed = Target {
+        flags: TARGET_QUEUE_DST,
+        ..Target::default()
+    };
+    let want = queue_index(&hashed, &flow, 2) as usize;
+    let before = by_queue();
+    send_udp(c, &server, 300);
+    let after = by_queue();
+    let mut expected = [0, 0];
+    expected[want] = 300;
+    assert_eq!(
+        [after[0] - before[0], after[1] - before[1]],
+        expected,
+        "{server}: packets by queue"
+    );
+}
+
 /// A device's queues are set when it is created: asking for other counts is refused
 /// in one line and changes nothing; a rule file's `[[device]]` creates it with its
 /// queues, and `export` gives them back.
@@ -169,6 +226,8 @@ fn queues_are_fixed_at_creation_and_kept_in_rule_files() {
     assert!(out.stderr.contains("2 TX queue"), "{}", out.stderr);
     let link = s.ip(&["-d", "link", "show", "imq1"]).unwrap();
     assert!(link.contains("numtxqueues 2"), "imq1 changed: {link}");
+    // Without --queues, dev add re-registers the device as it is.
+    s.imqctl_ok(&["dev", "add", "imq1"]);
     assert_ne!(
         s.imqctl(&["dev", "add", "imq2", "--queues", "0"]).code,
         0,

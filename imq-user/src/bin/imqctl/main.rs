@@ -211,10 +211,11 @@ enum DevCommand {
         name: DevName,
         #[arg(long, default_value_t = DEFAULT_TXQUEUELEN)]
         txqueuelen: u32,
-        /// TX queues (1 to 256): with `mq` and one qdisc per queue, shaping uses
-        /// as many CPUs; rules choose the queue with --queue
-        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
-        queues: u16,
+        /// TX queues (1 to 256) [default: 1; an existing device's own]: with `mq`
+        /// and one qdisc per queue, shaping uses as many CPUs; rules choose the queue
+        /// with --queue
+        #[arg(long, value_parser = clap::value_parser!(u16).range(1..=256))]
+        queues: Option<u16>,
     },
     /// Delete an imq device no rule sends traffic to
     Del {
@@ -507,7 +508,7 @@ fn command(imq: &mut Imq, command: Command) -> anyhow::Result<()> {
                     queues,
                 },
         } => {
-            if !imq.dev_add(name, txqueuelen, queues.into())? {
+            if !imq.dev_add(name, txqueuelen, queues.map(u32::from))? {
                 eprintln!("{name} already exists");
             }
         }
