@@ -748,10 +748,10 @@ mod tests {
 
     #[test]
     fn devices_parse_check_their_lines_and_round_trip() {
-        let text = "[[device]]\nname = \"imq2\"\ntxqueuelen = 3000\nqdisc = [\"qdisc add root handle 1:  htb\", \"class add parent 1: classid 1:1 htb rate 1mbit\"]\n";
+        let text = "[[device]]\nname = \"imq2\"\ntxqueuelen = 3000\nqueues = 4\nqdisc = [\"qdisc add root handle 1:  htb\", \"class add parent 1: classid 1:1 htb rate 1mbit\"]\n";
         let setup = parse_setup(text).unwrap();
         let d = &setup.devices[0];
-        assert_eq!((d.line, d.name, d.txqueuelen), (1, DevName(2), 3000));
+        assert_eq!((d.line, d.name, d.txqueuelen, d.queues), (1, DevName(2), 3000, 4));
         assert_eq!(d.qdisc[0], "qdisc add root handle 1: htb");
         assert_eq!(
             FileDevice::batch("imq2", &d.qdisc),
@@ -759,10 +759,8 @@ mod tests {
         );
         let again = parse_setup(&render(&[], &[], &setup.devices)).unwrap().devices;
         assert_eq!(again[0], FileDevice { line: 3, ..d.clone() });
-        assert_eq!(
-            parse_setup("[[device]]\nname = \"imq0\"\n").unwrap().devices[0].txqueuelen,
-            1000
-        );
+        let plain = &parse_setup("[[device]]\nname = \"imq0\"\n").unwrap().devices[0];
+        assert_eq!((plain.txqueuelen, plain.queues), (1000, 1));
 
         for (text, line, says) in [
             ("[[device]]\nname = \"eth0\"\n", 1, "invalid imq device name"),
@@ -787,7 +785,9 @@ mod tests {
                 3,
                 "imq1 again (it is on line 1)",
             ),
-            ("[[device]]\nname = \"imq1\"\nqueues = 2\n", 3, "unknown field `queues`"),
+            ("[[device]]\nname = \"imq1\"\nqueues = 0\n", 1, "invalid queues '0'"),
+            ("[[device]]\nname = \"imq1\"\nqueues = 257\n", 1, "1 to 256"),
+            ("[[device]]\nname = \"imq1\"\nqueue = 2\n", 3, "unknown field `queue`"),
             (
                 "[[shaper]]\ninterface = \"eth0\"\ndown = \"10mbit\"\ndev = \"imq1\"\n[[device]]\nname = \"imq1\"\nqdisc = [\"qdisc add root sfq\"]\n",
                 5,
