@@ -1,7 +1,8 @@
 //! For `cargo xtask bench`: what the ingress program itself costs per packet, with
 //! 1, 100, 1,000 and 10,000 rules, through BPF_PROG_TEST_RUN with many repeats (the
 //! kernel times the program alone). Prints one JSON array:
-//! `[{"rules": N, "ns_per_packet": X, "runs_ns": [...]}, ...]`. Needs root.
+//! `[{"rules": N, "ns_per_packet": X, "runs_ns": [...]}, ...]`, the last row one rule with
+//! `queue dst` on a 2-queue device. Needs root.
 
 #[allow(dead_code)]
 #[path = "../tests/harness/mod.rs"]
@@ -40,6 +41,19 @@ fn main() -> anyhow::Result<()> {
         sorted.sort_by(f64::total_cmp);
         out.push(serde_json::json!({ "rules": n, "ns_per_packet": sorted[RUNS / 2], "runs_ns": runs }));
     }
+    // One rule that also picks a queue of a 2-queue device by a hash of the
+    // destination: what `--queue dst` adds to the 1-rule row.
+    h.device_flags(0, harness::LO, 2 << imq_common::DEVICE_QUEUES_SHIFT);
+    h.install(&[(0, rule_to(100_000, 0, "queue dst"))]);
+    let mut runs = Vec::new();
+    for _ in 0..RUNS {
+        let (verdict, ns) = h.timed_run(&frame, REPEAT)?;
+        anyhow::ensure!(verdict == TC_ACT_REDIRECT, "verdict {verdict} with a queue rule");
+        runs.push(ns);
+    }
+    let mut sorted = runs.clone();
+    sorted.sort_by(f64::total_cmp);
+    out.push(serde_json::json!({ "rules": 1, "queue": "dst", "ns_per_packet": sorted[RUNS / 2], "runs_ns": runs }));
     println!("{}", serde_json::to_string(&out)?);
     Ok(())
 }

@@ -20,25 +20,25 @@ use serde_json::{Value, json};
 
 use crate::workspace_root;
 
-const RUNS: usize = 3;
+pub(crate) const RUNS: usize = 3;
 /// IPv4 TCP with timestamps: 1448 bytes of payload per 1514-byte frame. What a shaper
 /// counting whole frames lets through as goodput.
-const GOODPUT_PER_WIRE: f64 = 1448.0 / 1514.0;
+pub(crate) const GOODPUT_PER_WIRE: f64 = 1448.0 / 1514.0;
 
-fn median(mut v: Vec<f64>) -> f64 {
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
 }
 
 /// Prints a progress line; stops the bench (its namespace guards clean up on the way
 /// out) if Ctrl-C or SIGTERM came in since the last one.
-fn progress(msg: &str) -> Result<()> {
+pub(crate) fn progress(msg: &str) -> Result<()> {
     crate::demo::step()?;
     eprintln!("bench: {msg}");
     Ok(())
 }
 
-fn tcp_load() -> Load {
+pub(crate) fn tcp_load() -> Load {
     Load {
         warmup: Duration::from_millis(1000),
         window: Duration::from_secs(2),
@@ -188,6 +188,11 @@ fn apply_rules(ns: &NetNs, text: &str) -> Result<()> {
         bail!("imqctl apply: {}", out.stderr.trim());
     }
     Ok(())
+}
+
+/// Online CPUs.
+pub(crate) fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, usize::from)
 }
 
 fn machine() -> Value {
@@ -385,6 +390,7 @@ pub fn run() -> Result<()> {
     progress("the monitor's cost (BPF_PROG_TEST_RUN)")?;
     results["monitor_cost"] = monitor_cost()?;
     results["monitor_traffic"] = monitor_traffic()?;
+    results["queues"] = crate::queues_bench::measure()?;
 
     // 5. Control plane: imqctl wall time, and a rule change under load.
     let pair = Pair::new("ctl")?;
@@ -636,6 +642,20 @@ pub fn monitor_only() -> Result<()> {
     Ok(())
 }
 
+/// Measures multi-queue devices alone (section 9) into bench/results.json (the rest
+/// of the last run's figures stay) and writes BENCHMARKS.md again.
+pub fn queues_only() -> Result<()> {
+    imq_tests::require_root();
+    crate::demo::catch_signals();
+    let root = workspace_root();
+    let path = root.join("bench/results.json");
+    let mut results: Value = serde_json::from_str(&fs::read_to_string(&path)?)?;
+    results["queues"] = crate::queues_bench::measure()?;
+    fs::write(&path, serde_json::to_string_pretty(&results)?)?;
+    fs::write(root.join("BENCHMARKS.md"), render(&results))?;
+    Ok(())
+}
+
 /// BENCHMARKS.md again from the figures of the last run.
 pub fn render_saved() -> Result<()> {
     let root = workspace_root();
@@ -793,13 +813,11 @@ fn render(r: &Value) -> String {
             .flatten()
             .map(|v| format!("{:.0}", f(v)))
             .collect();
-        let _ = writeln!(
-            o,
-            "| {} | {:.0} | {} |",
-            x["rules"],
-            f(&x["ns_per_packet"]),
-            runs.join(", ")
-        );
+        let rules = match x["queue"].as_str() {
+            Some(q) => format!("{} (`--queue {q}`, 2 queues)", x["rules"]),
+            None => x["rules"].to_string(),
+        };
+        let _ = writeln!(o, "| {rules} | {:.0} | {} |", f(&x["ns_per_packet"]), runs.join(", "));
     }
     let _ = writeln!(
         o,
@@ -867,6 +885,7 @@ fn render(r: &Value) -> String {
         o.push_str(&latency);
     }
     o.push_str(&monitor_section(r));
+    o.push_str(&crate::queues_bench::section(r));
     o
 }
 

@@ -4,6 +4,7 @@ mod bench;
 mod bufferbloat;
 mod demo;
 mod dist;
+mod queues_bench;
 mod setup;
 mod vm;
 
@@ -98,6 +99,9 @@ enum Task {
         /// Only measure what `imqctl monitor` costs (section 8), keeping the other figures
         #[arg(long, conflicts_with = "render_only")]
         monitor_only: bool,
+        /// Only measure multi-queue imq devices (section 9), keeping the other figures
+        #[arg(long, conflicts_with_all = ["render_only", "monitor_only"])]
+        queues_only: bool,
     },
 }
 
@@ -258,6 +262,7 @@ fn main() -> ExitCode {
         }),
         Task::Bench { render_only: true, .. } => bench::render_saved(),
         Task::Bench { monitor_only: true, .. } => build().and_then(|()| bench::monitor_only()),
+        Task::Bench { queues_only: true, .. } => build().and_then(|()| bench::queues_only()),
         Task::Bench { .. } => build().and_then(|()| bench::run()),
     };
     match result {
