@@ -46,7 +46,12 @@ fn mq_with_htb(ns: &NetNs, dev: &str, rates: &[&str]) {
 
 /// Sends `count` small UDP datagrams from `ns` to `dst:9`.
 fn send_udp(ns: &NetNs, dst: &str, count: u32) {
-    let dst: SocketAddr = format!("{dst}:9").parse().unwrap();
+    send_udp_to(ns, dst, 9, count);
+}
+
+/// Sends `count` small UDP datagrams from `ns` to `dst:port`.
+fn send_udp_to(ns: &NetNs, dst: &str, port: u16, count: u32) {
+    let dst: SocketAddr = format!("{dst}:{port}").parse().unwrap();
     ns.spawn(move || {
         let sock = UdpSocket::bind("0.0.0.0:0")?;
         for _ in 0..count {
@@ -154,8 +159,9 @@ fn fixed_and_per_subscriber_queues() {
     assert_eq!(flow.lost.len(), 0, "packets of one flow lost");
 }
 
-/// Egress (clsact + cls_bpf + mirred on every kernel): a fixed queue takes all of its
-/// rule's packets, and a `dst` rule's subscriber the queue the hash names.
+/// Egress (clsact + cls_bpf + mirred on every kernel): two rules with fixed queues each
+/// put all of their packets on their own queue, and a `dst` rule the server's on the
+/// queue the hash names.
 #[test]
 fn egress_queues() {
     require_root();
@@ -176,14 +182,20 @@ fn egress_queues() {
         std::thread::sleep(Duration::from_millis(200));
         [qdisc_packets(c, "imq1", "1:"), qdisc_packets(c, "imq1", "2:")]
     };
-    c.imqctl_ok(&[
-        "attach", "c0", "-d", "egress", "--dev", "imq1", "--proto", "udp", "--queue", "2",
-    ]);
+    for (port, queue) in [("9", "2"), ("10", "1")] {
+        c.imqctl_ok(&[
+            "attach", "c0", "-d", "egress", "--dev", "imq1", "--proto", "udp", "--dport", port, "--queue", queue,
+        ]);
+    }
     send_udp(c, &server, 1);
+    send_udp_to(c, &server, 10, 1);
     let before = by_queue();
     send_udp(c, &server, 300);
     let after = by_queue();
     assert_eq!([after[0] - before[0], after[1] - before[1]], [0, 300], "queue 2's rule");
+    send_udp_to(c, &server, 10, 200);
+    let last = by_queue();
+    assert_eq!([last[0] - after[0], last[1] - after[1]], [200, 0], "queue 1's rule");
 
     c.imqctl_ok(&["detach", "c0", "-d", "egress"]);
     c.imqctl_ok(&[
