@@ -131,20 +131,27 @@ impl Setup {
     }
 }
 
-/// Busy and total jiffies of all CPUs (/proc/stat).
-fn cpu_jiffies() -> Result<(u64, u64)> {
+/// Busy, softirq and total jiffies of all CPUs (/proc/stat: user nice system idle
+/// iowait irq softirq steal).
+fn cpu_jiffies() -> Result<[u64; 3]> {
     let stat = fs::read_to_string("/proc/stat")?;
     let line = stat.lines().next().context("/proc/stat is empty")?;
     let v: Vec<u64> = line.split_whitespace().skip(1).filter_map(|w| w.parse().ok()).collect();
+    let field = |i: usize| v.get(i).copied().unwrap_or(0);
     let total: u64 = v.iter().take(8).sum();
-    // idle and iowait
-    let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
-    Ok((total - idle, total))
+    Ok([total - field(3) - field(4), field(6), total])
+}
+
+/// What the CPUs did during a measurement: shares of all cores' time.
+struct Cpu {
+    busy: f64,
+    /// In softirq, where the packet path, imq and the qdiscs run.
+    softirq: f64,
 }
 
 /// `flows` concurrent TCP streams from the pair's client to the server, flow k to
-/// `dst(k)`; their goodputs and the share of the machine's CPUs busy meanwhile.
-fn run_flows(pair: &Pair, flows: usize, by_dst: bool, load: Load) -> Result<(Vec<f64>, f64)> {
+/// `dst(k)`; their goodputs and what the CPUs did meanwhile.
+fn run_flows(pair: &Pair, flows: usize, by_dst: bool, load: Load) -> Result<(Vec<f64>, Cpu)> {
     let net = pair.id % 250;
     let clients: Vec<NetNs> = (0..flows).map(|_| NetNs::adopt(pair.client.name())).collect();
     let server = pair.server_v4();
@@ -157,11 +164,15 @@ fn run_flows(pair: &Pair, flows: usize, by_dst: bool, load: Load) -> Result<(Vec
         .parse()
         .expect("address")
     };
-    let (b0, t0) = cpu_jiffies()?;
+    let before = cpu_jiffies()?;
     let g = concurrent_tcp_goodput(&clients, &pair.server, addr, load)?;
-    let (b1, t1) = cpu_jiffies()?;
-    let busy = (b1 - b0) as f64 / (t1 - t0).max(1) as f64;
-    Ok((g.iter().map(|g| g.mbit_per_s()).collect(), busy))
+    let after = cpu_jiffies()?;
+    let share = |i: usize| (after[i] - before[i]) as f64 / (after[2] - before[2]).max(1) as f64;
+    let cpu = Cpu {
+        busy: share(0),
+        softirq: share(1),
+    };
+    Ok((g.iter().map(|g| g.mbit_per_s()).collect(), cpu))
 }
 
 /// Per-subscriber rate of the accuracy part, Mbit/s.
@@ -184,12 +195,14 @@ pub fn measure() -> Result<Value> {
     };
     let mut sums = vec![Vec::new(); setups.len()];
     let mut busy = vec![Vec::new(); setups.len()];
+    let mut softirq = vec![Vec::new(); setups.len()];
     for run in 0..RUNS {
         for (i, (s, pair)) in setups.iter().zip(&pairs).enumerate() {
             progress(&format!("multi-queue throughput, run {}/{RUNS}: {}", run + 1, s.name()))?;
-            let (g, b) = run_flows(pair, 2, false, unlimited)?;
+            let (g, cpu) = run_flows(pair, 2, false, unlimited)?;
             sums[i].push(g.iter().sum::<f64>());
-            busy[i].push(b);
+            busy[i].push(cpu.busy);
+            softirq[i].push(cpu.softirq);
         }
     }
     drop(pairs);
@@ -198,13 +211,13 @@ pub fn measure() -> Result<Value> {
         .enumerate()
         .map(|(i, s)| {
             let (mbit, cpu) = (median(sums[i].clone()), median(busy[i].clone()));
-            json!({ "setup": s.key(), "name": s.name(), "mbit": mbit, "cpu_busy": cpu, "mbit_per_cpu": mbit / (cpu * crate::bench::cores() as f64) })
+            json!({ "setup": s.key(), "name": s.name(), "mbit": mbit, "cpu_busy": cpu, "cpu_softirq": median(softirq[i].clone()), "mbit_per_cpu": mbit / (cpu * crate::bench::cores() as f64) })
         })
         .collect();
 
     // Accuracy: SUBSCRIBERS subscribers at SUBSCRIBER_MBIT each, all at once.
     let rate = format!("{SUBSCRIBER_MBIT}mbit");
-    let acc_setups = [Setup::OneQueue, Setup::TwoQueues];
+    let acc_setups = [Setup::Classic, Setup::OneQueue, Setup::TwoQueues];
     let pairs: Vec<Pair> = acc_setups
         .iter()
         .enumerate()
@@ -260,13 +273,14 @@ pub fn section(r: &Value) -> String {
          Two TCP streams at once, each in its own HTB class of 20 Gbit/s (so that the CPUs, not the rate, \
          are the limit), into one single-queue classic ifb, one imq device with one queue, and one with two \
          queues (`mq`, one HTB per queue, each stream's rule on its own queue). CPU busy: the share of \
-         all cores busy during the run, senders and receivers included.\n"
+         all cores busy during the run, senders and receivers included; of which softirq: the part spent \
+         in softirq, where the packet path, imq and the qdiscs run.\n"
     );
     let _ = writeln!(
         o,
-        "| setup | Mbit/s (sum) | vs 1 queue | CPU busy | Mbit/s per busy core |"
+        "| setup | Mbit/s (sum) | vs 1 queue | CPU busy | of which softirq | Mbit/s per busy core |"
     );
-    let _ = writeln!(o, "|---|---:|---:|---:|---:|");
+    let _ = writeln!(o, "|---|---:|---:|---:|---:|---:|");
     let one = rows
         .iter()
         .find(|x| x["setup"] == "imq_1q")
@@ -274,11 +288,12 @@ pub fn section(r: &Value) -> String {
     for x in rows {
         let _ = writeln!(
             o,
-            "| {} | {:.0} | {:.2} | {:.0}% | {:.0} |",
+            "| {} | {:.0} | {:.2} | {:.0}% | {:.0}% | {:.0} |",
             x["name"].as_str().unwrap_or("?"),
             f(&x["mbit"]),
             f(&x["mbit"]) / one,
             f(&x["cpu_busy"]) * 100.0,
+            f(&x["cpu_softirq"]) * 100.0,
             f(&x["mbit_per_cpu"])
         );
     }
@@ -296,7 +311,8 @@ pub fn section(r: &Value) -> String {
             o,
             "\nPer-subscriber accuracy: {} subscribers (server addresses), each its own HTB class of {} Mbit/s, \
              one TCP stream each, all at once; with two queues subscriber k's rule names queue k % 2 + 1 and a \
-             class of that queue's HTB. Expected goodput {:.2} Mbit/s each.\n",
+             class of that queue's HTB; the classic ifb classifies with one u32 filter per subscriber. \
+             Expected goodput {:.2} Mbit/s each.\n",
             SUBSCRIBERS,
             SUBSCRIBER_MBIT,
             SUBSCRIBER_MBIT * GOODPUT_PER_WIRE
