@@ -31,29 +31,29 @@ fn main() -> anyhow::Result<()> {
             .collect();
         rules.push((n - 1, rule_to(100_000, 0, "")));
         h.install(&rules);
-        let mut runs = Vec::new();
-        for _ in 0..RUNS {
-            let (verdict, ns) = h.timed_run(&frame, REPEAT)?;
-            anyhow::ensure!(verdict == TC_ACT_REDIRECT, "verdict {verdict} with {n} rules");
-            runs.push(ns);
-        }
-        let mut sorted = runs.clone();
-        sorted.sort_by(f64::total_cmp);
-        out.push(serde_json::json!({ "rules": n, "ns_per_packet": sorted[RUNS / 2], "runs_ns": runs }));
+        let (median, runs) = timed(&h, &frame)?;
+        out.push(serde_json::json!({ "rules": n, "ns_per_packet": median, "runs_ns": runs }));
     }
     // One rule that also picks a queue of a 2-queue device by a hash of the
     // destination: what `--queue dst` adds to the 1-rule row.
     h.device_flags(0, harness::LO, 2 << imq_common::DEVICE_QUEUES_SHIFT);
     h.install(&[(0, rule_to(100_000, 0, "queue dst"))]);
+    let (median, runs) = timed(&h, &frame)?;
+    out.push(serde_json::json!({ "rules": 1, "queue": "dst", "ns_per_packet": median, "runs_ns": runs }));
+    println!("{}", serde_json::to_string(&out)?);
+    Ok(())
+}
+
+/// RUNS timed runs of REPEAT each on `frame`, which must be selected: their median and
+/// all of them, in ns per packet.
+fn timed(h: &Harness, frame: &[u8]) -> anyhow::Result<(f64, Vec<f64>)> {
     let mut runs = Vec::new();
     for _ in 0..RUNS {
-        let (verdict, ns) = h.timed_run(&frame, REPEAT)?;
-        anyhow::ensure!(verdict == TC_ACT_REDIRECT, "verdict {verdict} with a queue rule");
+        let (verdict, ns) = h.timed_run(frame, REPEAT)?;
+        anyhow::ensure!(verdict == TC_ACT_REDIRECT, "verdict {verdict}");
         runs.push(ns);
     }
     let mut sorted = runs.clone();
     sorted.sort_by(f64::total_cmp);
-    out.push(serde_json::json!({ "rules": 1, "queue": "dst", "ns_per_packet": sorted[RUNS / 2], "runs_ns": runs }));
-    println!("{}", serde_json::to_string(&out)?);
-    Ok(())
+    Ok((sorted[RUNS / 2], runs))
 }

@@ -44,6 +44,21 @@ fn mq_with_htb(ns: &NetNs, dev: &str, rates: &[&str]) {
     }
 }
 
+/// The queue, from 0, of a two-queue device that a `--queue dst` rule sends packets
+/// for IPv4 address `dst` to: the data path's own function, so the test predicts it.
+fn dst_queue(dst: &str) -> usize {
+    let octets = dst.parse::<std::net::Ipv4Addr>().unwrap().octets();
+    let flow = FlowKey {
+        dst: [u32::from_ne_bytes(octets), 0, 0, 0],
+        ..FlowKey::default()
+    };
+    let hashed = Target {
+        flags: TARGET_QUEUE_DST,
+        ..Target::default()
+    };
+    queue_index(&hashed, &flow, 2) as usize
+}
+
 /// Sends `count` small UDP datagrams from `ns` to `dst:9`.
 fn send_udp(ns: &NetNs, dst: &str, count: u32) {
     send_udp_to(ns, dst, 9, count);
@@ -119,18 +134,9 @@ fn fixed_and_per_subscriber_queues() {
         "--queue",
         "dst",
     ]);
-    let hashed = Target {
-        flags: TARGET_QUEUE_DST,
-        ..Target::default()
-    };
     let mut used = [false; 2];
     for a in &subscribers {
-        let octets = a.parse::<std::net::Ipv4Addr>().unwrap().octets();
-        let flow = FlowKey {
-            dst: [u32::from_ne_bytes(octets), 0, 0, 0],
-            ..FlowKey::default()
-        };
-        let want = queue_index(&hashed, &flow, 2) as usize;
+        let want = dst_queue(a);
         used[want] = true;
         // The first datagram waits for ARP, the others for HTB: counted after pauses.
         send_udp(c, a, 1);
@@ -201,16 +207,7 @@ fn egress_queues() {
     c.imqctl_ok(&[
         "attach", "c0", "-d", "egress", "--dev", "imq1", "--proto", "udp", "--queue", "dst",
     ]);
-    let octets = server.parse::<std::net::Ipv4Addr>().unwrap().octets();
-    let flow = FlowKey {
-        dst: [u32::from_ne_bytes(octets), 0, 0, 0],
-        ..FlowKey::default()
-    };
-    let hashed = Target {
-        flags: TARGET_QUEUE_DST,
-        ..Target::default()
-    };
-    let want = queue_index(&hashed, &flow, 2) as usize;
+    let want = dst_queue(&server);
     let before = by_queue();
     send_udp(c, &server, 300);
     let after = by_queue();

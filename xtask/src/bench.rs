@@ -664,6 +664,15 @@ pub fn render_saved() -> Result<()> {
     Ok(())
 }
 
+/// The numbers of a JSON array, each with one decimal.
+pub(crate) fn one_decimal(v: &Value) -> Vec<String> {
+    v.as_array()
+        .into_iter()
+        .flatten()
+        .map(|v| format!("{:.1}", f(v)))
+        .collect()
+}
+
 fn f(v: &Value) -> f64 {
     v.as_f64().unwrap_or(f64::NAN)
 }
@@ -863,12 +872,7 @@ fn render(r: &Value) -> String {
     );
     let _ = writeln!(o, "|---:|---:|---:|---:|---|");
     for x in r["fan_in"].as_array().into_iter().flatten() {
-        let flows: Vec<String> = x["last_run_per_flow_mbit"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(|v| format!("{:.1}", f(v)))
-            .collect();
+        let flows = one_decimal(&x["last_run_per_flow_mbit"]);
         let _ = writeln!(
             o,
             "| {} | {:.2} | {:.2} | {:+.1}% | {} |",

@@ -323,12 +323,7 @@ pub fn section(r: &Value) -> String {
         );
         let _ = writeln!(o, "|---|---:|---|");
         for x in acc {
-            let each: Vec<String> = x["last_run"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .map(|v| format!("{:.1}", f(v)))
-                .collect();
+            let each = crate::bench::one_decimal(&x["last_run"]);
             let _ = writeln!(
                 o,
                 "| {} | {:.1}% | {} |",
