@@ -52,17 +52,29 @@ fn tc_batch(dev: &str, lines: &[String]) -> std::result::Result<(), String> {
 }
 
 impl Imq {
-    /// Tries each setup that would change on a scratch ifb first: a line the kernel
-    /// or tc refuses is reported before anything changed. Call before the lock's
-    /// changes, with the setups applied so far.
+    /// Refuses a device that exists with other queues than its setup asks, and tries
+    /// each setup that would change on a scratch ifb first: a line the kernel or tc
+    /// refuses is reported before anything changed. Call before the lock's changes,
+    /// with the setups applied so far.
     pub(crate) fn check_devices(
         &self,
         links: &[Link],
         applied: &[(u32, DeviceSetup)],
         devices: &[FileDevice],
     ) -> Result<()> {
-        for d in devices.iter().filter(|d| !d.qdisc.is_empty()) {
-            let ifindex = links.iter().find(|l| l.name == d.name.to_string()).map(|l| l.index);
+        for d in devices {
+            let link = links.iter().find(|l| l.name == d.name.to_string());
+            if let Some(l) = link.filter(|l| l.is_ifb() && l.queues != d.queues) {
+                return Err(Error::QueuesDiffer {
+                    dev: l.name.clone(),
+                    has: l.queues,
+                    wanted: d.queues,
+                });
+            }
+            if d.qdisc.is_empty() {
+                continue;
+            }
+            let ifindex = link.map(|l| l.index);
             let same = applied
                 .iter()
                 .any(|(n, s)| *n == d.name.0 && Some(s.ifindex) == ifindex && s.qdisc == d.qdisc);
@@ -99,13 +111,6 @@ impl Imq {
                     return Err(Error::NotIfb {
                         name,
                         kind: l.kind.clone().unwrap_or_else(|| l.link_type.clone()),
-                    });
-                }
-                Some(l) if l.queues != d.queues => {
-                    return Err(Error::QueuesDiffer {
-                        dev: name,
-                        has: l.queues,
-                        wanted: d.queues,
                     });
                 }
                 Some(l) => {

@@ -913,8 +913,6 @@ impl Imq {
             .collect())
     }
 
-    /// Creates an imq device (or adopts an existing ifb of that name). Returns whether
-    /// it was created.
     /// Creates imq device `dev` with `txqueuelen` and `queues` TX queues (default
     /// one), or adopts it if it exists (with as many queues, when given: they are
     /// fixed when a device is created). Returns whether it was created.

@@ -254,6 +254,21 @@ fn queues_are_fixed_at_creation_and_kept_in_rule_files() {
     let export = s.imqctl_ok(&["export"]);
     assert!(export.contains("queues = 4"), "{export}");
     assert!(export.contains("queue = \"src\""), "{export}");
+    // Another queue count for imq3 is refused before anything changes: imq2, listed
+    // first, is not created.
+    let again = "[[device]]\nname = \"imq2\"\n\n[[device]]\nname = \"imq3\"\nqueues = 2\n\n\
+                 [[rule]]\ninterface = \"s0\"\ndev = \"imq3\"\n";
+    let refused = s.imqctl_apply(again);
+    assert_ne!(refused.code, 0, "a different queue count for imq3 was applied");
+    assert!(
+        refused.stderr.contains("imq3 exists with 4 TX queue"),
+        "{}",
+        refused.stderr
+    );
+    assert!(
+        s.ip(&["link", "show", "imq2"]).is_err(),
+        "imq2 was created by a refused apply"
+    );
 }
 
 /// The README's second recipe: `mq` with one cake per queue (10 and 20 Mbit/s, so the
